@@ -1,0 +1,71 @@
+// The command line: parses argv, dispatches to the modules below, maps errors to exit codes
+// (0 fine, 1 a check or the run failed, 2 bad usage or bad configuration).
+import { readFileSync } from "node:fs";
+import { type ParseArgsConfig, parseArgs } from "node:util";
+import { ConfigError } from "../config/load.js";
+import { IdentityError } from "../proxy/identity.js";
+
+export class UsageError extends Error {
+  readonly code = "ASHMESH_USAGE";
+}
+
+export const USAGE = `ashmesh — mTLS sidecar proxy for service meshes on Podman and systemd
+
+  ashmesh proxy   --config FILE                  run one sidecar (MTLS_*/SERVICE_* env also works)
+  ashmesh up      [--mesh FILE] [--once]         the whole mesh on this machine, no containers
+  ashmesh certs   init|issue|issue-all|revoke|rotate|renew|inspect ...   the development CA
+  ashmesh check   [--config FILE | --mesh FILE]  verify a sidecar's files, or every edge of a mesh
+  ashmesh edges   URL...                         edges seen by sidecars (admin URLs)
+
+Run \`ashmesh <command> --help\` for a command's options.`;
+
+export type Command = (argv: string[]) => Promise<number>;
+
+const COMMANDS: Record<string, () => Promise<Command>> = {
+  proxy: async () => (await import("./proxy.js")).main,
+  certs: async () => (await import("./certs.js")).main,
+};
+
+function version(): string {
+  for (const candidate of ["../../package.json", "../package.json"]) {
+    try {
+      return (JSON.parse(readFileSync(new URL(candidate, import.meta.url), "utf8")) as { version: string }).version;
+    } catch {
+      // try the next layout (dist/bin or bin)
+    }
+  }
+  return "unknown";
+}
+
+export async function run(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name || name === "--help" || name === "-h" || name === "help") {
+    process.stdout.write(`${USAGE}\n`);
+    return name ? 0 : 2;
+  }
+  if (name === "--version" || name === "-v") {
+    process.stdout.write(`ashmesh ${version()}\n`);
+    return 0;
+  }
+  const load = COMMANDS[name];
+  if (!load) {
+    process.stderr.write(`ashmesh: unknown command "${name}"\n\n${USAGE}\n`);
+    return 2;
+  }
+  return (await load())(rest);
+}
+
+/** parseArgs whose errors are UsageErrors (exit 2). */
+export function parse<const T extends ParseArgsConfig>(config: T): ReturnType<typeof parseArgs<T>> {
+  try {
+    return parseArgs(config);
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+}
+
+export function exitCodeFor(err: unknown): number {
+  if (err instanceof UsageError || err instanceof ConfigError || err instanceof IdentityError) return 2;
+  if ((err as { code?: string }).code === "ASHMESH_CA") return 2;
+  return 1;
+}

@@ -1,0 +1,166 @@
+// One typed schema for a sidecar's configuration, with every default in one place (DESIGN §3).
+// Objects are strict: an unknown key is an error that names it, never silently ignored.
+import { isIP } from "node:net";
+import tls from "node:tls";
+import { z } from "zod";
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+const LOOPBACK_V4 = /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || LOOPBACK_V4.test(host);
+}
+
+/** "host:port", "[v6]:port" or ":port" (all interfaces). */
+export function parseHostPort(value: string): ListenAddress | null {
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]\s]*)):(\d{1,5})$/.exec(value);
+  if (!match) return null;
+  const port = Number(match[3]);
+  if (port > 65535) return null;
+  return { host: match[1] ?? (match[2] || "0.0.0.0"), port };
+}
+
+const listen = z.string().transform((value, ctx) => {
+  const parsed = parseHostPort(value);
+  if (!parsed) {
+    ctx.addIssue({ code: "custom", message: 'expected "host:port" with a port from 0 to 65535' });
+    return z.NEVER;
+  }
+  return parsed;
+});
+
+// DNS names and allow-list entries: a literal name, or "*.domain" standing for exactly one label.
+const DNS_LABEL = "[a-zA-Z0-9_](?:[a-zA-Z0-9_-]{0,61}[a-zA-Z0-9_])?";
+const dnsName = z
+  .string()
+  .regex(new RegExp(`^${DNS_LABEL}(?:\\.${DNS_LABEL})*$`), "expected a DNS name such as auth.ashchan.local");
+const identityPattern = z
+  .string()
+  .min(1)
+  .refine(
+    (value) => value === "*" || !value.includes("*") || /^\*\.[^*]+$/.test(value),
+    'expected an identity, "*.domain" (one label) or "*"',
+  );
+
+const tlsVersion = z.enum(["TLSv1.2", "TLSv1.3"]);
+
+const KNOWN_CIPHERS = new Set(tls.getCiphers().map((name) => name.toUpperCase()));
+const cipher = z
+  .string()
+  .refine((name) => KNOWN_CIPHERS.has(name.toUpperCase()), "expected a cipher suite name OpenSSL knows");
+
+const httpUrl = z
+  .string()
+  .refine((value) => /^http:\/\/[^/]+\/?$/.test(value) && URL.canParse(value), "expected http://host:port");
+
+const spkiPin = z
+  .string()
+  .regex(/^sha256\/\/?[A-Za-z0-9+/]{43}=$/, "expected sha256/<base64 SHA-256 of the SPKI>, as curl's --pinnedpubkey");
+
+const path = z.string().regex(/^\/[^?#\s]*$/, 'expected an absolute path such as "/api/v1/verify"');
+
+const HTTP_METHOD = /^[A-Z]+$/;
+
+const route = z.strictObject({
+  path,
+  methods: z.array(z.string().regex(HTTP_METHOD, "expected an upper-case HTTP method")).min(1).optional(),
+  allow: z.array(identityPattern),
+});
+
+const upstream = z.strictObject({
+  listen: listen.refine((a) => isLoopback(a.host), "the outbound listener must bind to a loopback address"),
+  target: z.string().refine((value) => {
+    const parsed = parseHostPort(value);
+    return parsed !== null && parsed.port > 0;
+  }, 'expected "host:port" of the peer\'s inbound'),
+  /** The identity the peer's certificate must carry; default: the target's host name. */
+  identity: dnsName.optional(),
+  pin: spkiPin.nullable().default(null),
+});
+
+const resolveTarget = z.string().refine((value) => {
+  if (isIP(value)) return true;
+  const parsed = parseHostPort(value);
+  return parsed !== null && parsed.port > 0;
+}, 'expected an address ("10.90.0.21") or "address:port"');
+
+const positiveMs = z.number().int().positive();
+
+export const configSchema = z.strictObject({
+  service: z.strictObject({
+    name: z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, "expected a service name such as auth-accounts"),
+    dnsName,
+  }),
+  tls: z
+    .strictObject({
+      cert: z.string().min(1).default("/etc/mtls/server.crt"),
+      key: z.string().min(1).default("/etc/mtls/server.key"),
+      ca: z.string().min(1).default("/etc/mtls/ca.crt"),
+      clientCert: z.string().min(1).optional(),
+      clientKey: z.string().min(1).optional(),
+      crl: z.string().min(1).nullable().default(null),
+      minVersion: tlsVersion.default("TLSv1.3"),
+      ciphers: z.array(cipher).min(1).default(["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]),
+    })
+    .prefault({}),
+  inbound: z
+    .strictObject({
+      enabled: z.boolean().default(true),
+      listen: listen.default({ host: "0.0.0.0", port: 8443 }),
+      verifyClient: z.boolean().default(true),
+      app: httpUrl.default("http://127.0.0.1:9502"),
+      // Absent: any identity the mesh CA signed. []: nobody.
+      allow: z.array(identityPattern).optional(),
+      routes: z.array(route).default([]),
+    })
+    .prefault({}),
+  outbound: z
+    .strictObject({
+      enabled: z.boolean().default(true),
+      listen: listen
+        .refine((a) => isLoopback(a.host), "the outbound listener must bind to a loopback address")
+        .nullable()
+        .default({ host: "127.0.0.1", port: 15001 }),
+      // Absent: "*.<the parent domain of service.dnsName>".
+      destinations: z.array(identityPattern).optional(),
+      port: z.number().int().min(1).max(65535).default(8443),
+      resolve: z.record(dnsName, resolveTarget).default({}),
+      upstreams: z.record(z.string().regex(/^[a-zA-Z0-9_-]+$/, "expected a short name"), upstream).default({}),
+    })
+    .prefault({}),
+  admin: z
+    .strictObject({
+      enabled: z.boolean().default(true),
+      listen: listen.default({ host: "0.0.0.0", port: 9901 }),
+    })
+    .prefault({}),
+  limits: z
+    .strictObject({
+      maxConnections: z.number().int().positive().default(4096),
+      headersTimeoutMs: positiveMs.default(10_000),
+      requestTimeoutMs: positiveMs.default(30_000),
+      idleTimeoutMs: positiveMs.default(60_000),
+      upstreamTimeoutMs: positiveMs.default(30_000),
+      drainTimeoutMs: positiveMs.default(15_000),
+      upstreamConnections: z.number().int().positive().default(64),
+    })
+    .prefault({}),
+  log: z
+    .strictObject({
+      level: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
+    })
+    .prefault({}),
+});
+
+export type ConfigInput = z.input<typeof configSchema>;
+type ParsedConfig = z.output<typeof configSchema>;
+
+/** The configuration the sidecar runs with: every default applied, derived values filled in. */
+export type Config = Omit<ParsedConfig, "tls" | "outbound"> & {
+  tls: ParsedConfig["tls"] & { clientCert: string; clientKey: string };
+  outbound: ParsedConfig["outbound"] & { destinations: string[] };
+};

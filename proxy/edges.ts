@@ -1,0 +1,52 @@
+// The edges this sidecar has seen (like `linkerd viz edges`): who talked to whom, with which
+// verified identities, over which TLS version. One record per (direction, peer), found once per
+// connection or pool; a request only bumps its counters.
+export interface Edge {
+  direction: "inbound" | "outbound";
+  src: string;
+  dst: string;
+  src_identity: string;
+  dst_identity: string;
+  tls_version: string;
+  requests: number;
+  last_seen: string;
+}
+
+export interface EdgeCounter {
+  hit(): void;
+  /** The TLS version of the latest handshake on this edge. */
+  tls(version: string): void;
+}
+
+type EdgeKey = Omit<Edge, "requests" | "last_seen" | "tls_version">;
+
+export class Edges {
+  private readonly records = new Map<string, { edge: Edge; lastSeenMs: number }>();
+
+  edge(fields: EdgeKey, tlsVersion = "unknown"): EdgeCounter {
+    const key = [fields.direction, fields.src, fields.dst, fields.src_identity, fields.dst_identity].join("\u0000");
+    let record = this.records.get(key);
+    if (!record) {
+      if (this.records.size >= 10_000) this.records.clear(); // bounded even when peers churn
+      record = { edge: { ...fields, tls_version: tlsVersion, requests: 0, last_seen: "" }, lastSeenMs: 0 };
+      this.records.set(key, record);
+    }
+    const r = record;
+    if (tlsVersion !== "unknown") r.edge.tls_version = tlsVersion;
+    return {
+      hit() {
+        r.edge.requests++;
+        r.lastSeenMs = Date.now();
+      },
+      tls(version) {
+        r.edge.tls_version = version;
+      },
+    };
+  }
+
+  list(): Edge[] {
+    return [...this.records.values()]
+      .filter((r) => r.edge.requests > 0)
+      .map((r) => ({ ...r.edge, last_seen: new Date(r.lastSeenMs).toISOString() }));
+  }
+}

@@ -1,0 +1,183 @@
+// Every metric of DESIGN §4, on a registry of this sidecar's own (the global one leaks between
+// sidecars in one process and between tests). Metric and label names are public API.
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+
+export type Direction = "inbound" | "outbound";
+
+/** Why a handshake or a connection was refused; the `reason` label of mtls_handshake_failures. */
+export type FailureReason =
+  | "no_client_cert"
+  | "unknown_ca"
+  | "expired"
+  | "not_yet_valid"
+  | "revoked"
+  | "crl_expired"
+  | "crl_missing"
+  | "bad_san"
+  | "bad_pin"
+  | "bad_signature"
+  | "protocol"
+  | "timeout"
+  | "refused"
+  | "other";
+
+export interface CertGaugeSource {
+  /** Certificates whose days to expiry are published, computed at scrape time. */
+  certificates(): Array<{ cert: "server" | "client" | "ca"; subject: string; notAfter: Date }>;
+  /** The CRLs in use and when each must be replaced. */
+  crls(): Array<{ issuer: string; nextUpdate: Date | null }>;
+}
+
+const DAY_MS = 86_400_000;
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+const HANDSHAKE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
+
+export interface RequestRecorder {
+  record(code: number, seconds: number): void;
+}
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly handshakes: Counter<"direction" | "result">;
+  readonly handshakeFailures: Counter<"direction" | "reason">;
+  readonly handshakeDuration: Histogram<"direction">;
+  readonly revokedConnections: Counter<"direction">;
+  readonly authzDenied: Counter<"identity" | "route">;
+  readonly requests: Counter<"direction" | "peer" | "code">;
+  readonly requestDuration: Histogram<"direction" | "peer">;
+  readonly openConnections: Gauge<"direction">;
+  readonly certReloads: Counter<"result">;
+  private readonly recorders = new Map<string, RequestRecorder>();
+
+  constructor(certSource: CertGaugeSource, options: { processMetrics?: boolean } = {}) {
+    const registers = [this.registry];
+    if (options.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
+    this.handshakes = new Counter({
+      name: "mtls_handshake_total",
+      help: "mTLS handshakes, by direction and result (ok/failed).",
+      labelNames: ["direction", "result"],
+      registers,
+    });
+    this.handshakeFailures = new Counter({
+      name: "mtls_handshake_failures",
+      help: "Failed or refused mTLS handshakes, by direction and reason.",
+      labelNames: ["direction", "reason"],
+      registers,
+    });
+    this.handshakeDuration = new Histogram({
+      name: "mtls_handshake_duration_seconds",
+      help: "Time from TCP accept (inbound) or connect (outbound) to a completed TLS handshake.",
+      labelNames: ["direction"],
+      buckets: HANDSHAKE_BUCKETS,
+      registers,
+    });
+    this.revokedConnections = new Counter({
+      name: "mtls_revoked_connections",
+      help: "Connections refused or closed because the peer's certificate is revoked.",
+      labelNames: ["direction"],
+      registers,
+    });
+    this.authzDenied = new Counter({
+      name: "mtls_authz_denied_total",
+      help: "Requests from a verified peer that the allow-list refused (403).",
+      labelNames: ["identity", "route"],
+      registers,
+    });
+    this.requests = new Counter({
+      name: "mtls_requests_total",
+      help: "HTTP requests proxied, by direction, peer identity and status code.",
+      labelNames: ["direction", "peer", "code"],
+      registers,
+    });
+    this.requestDuration = new Histogram({
+      name: "mtls_request_duration_seconds",
+      help: "Time from a request's arrival to the end of its response, by direction and peer.",
+      labelNames: ["direction", "peer"],
+      buckets: LATENCY_BUCKETS,
+      registers,
+    });
+    this.openConnections = new Gauge({
+      name: "mtls_open_connections",
+      help: "Open mTLS connections, by direction.",
+      labelNames: ["direction"],
+      registers,
+    });
+    this.certReloads = new Counter({
+      name: "mtls_cert_reloads_total",
+      help: "Reloads of certificate, key, CA bundle or CRL, by result.",
+      labelNames: ["result"],
+      registers,
+    });
+    new Gauge({
+      name: "mtls_cert_expiry_days",
+      help: "Days until a certificate in use expires (negative once expired).",
+      labelNames: ["cert", "subject"],
+      registers,
+      collect() {
+        this.reset();
+        const now = Date.now();
+        for (const c of certSource.certificates()) {
+          this.set({ cert: c.cert, subject: c.subject }, (c.notAfter.getTime() - now) / DAY_MS);
+        }
+      },
+    });
+    new Gauge({
+      name: "mtls_crl_next_update_days",
+      help: "Days until the CRL in use passes its nextUpdate; after that every peer of its CA is refused.",
+      labelNames: ["issuer"],
+      registers,
+      collect() {
+        this.reset();
+        const now = Date.now();
+        for (const crl of certSource.crls()) {
+          if (crl.nextUpdate) this.set({ issuer: crl.issuer }, (crl.nextUpdate.getTime() - now) / DAY_MS);
+        }
+      },
+    });
+    // Every direction shows up at 0 rather than being absent until the first event.
+    for (const direction of ["inbound", "outbound"] as const) {
+      this.openConnections.set({ direction }, 0);
+      this.revokedConnections.inc({ direction }, 0);
+      for (const result of ["ok", "failed"]) this.handshakes.inc({ direction, result }, 0);
+    }
+    for (const result of ["ok", "failed"]) this.certReloads.inc({ result }, 0);
+  }
+
+  handshakeOk(direction: Direction, seconds: number): void {
+    this.handshakes.inc({ direction, result: "ok" });
+    this.handshakeDuration.observe({ direction }, seconds);
+  }
+
+  handshakeFailed(direction: Direction, reason: FailureReason): void {
+    this.handshakes.inc({ direction, result: "failed" });
+    this.handshakeFailures.inc({ direction, reason });
+    if (reason === "revoked") this.revokedConnections.inc({ direction });
+  }
+
+  /**
+   * A recorder for one (direction, peer) pair, cached: the label lookups happen once per pair,
+   * not once per request. Peers are verified identities, so the cache is bounded by the mesh.
+   */
+  recorder(direction: Direction, peer: string): RequestRecorder {
+    const key = `${direction}\u0000${peer}`;
+    let recorder = this.recorders.get(key);
+    if (!recorder) {
+      const duration = this.requestDuration.labels(direction, peer);
+      const byCode = new Map<number, ReturnType<typeof this.requests.labels>>();
+      const requests = this.requests;
+      recorder = {
+        record(code, seconds) {
+          let counter = byCode.get(code);
+          if (!counter) {
+            counter = requests.labels(direction, peer, String(code));
+            byCode.set(code, counter);
+          }
+          counter.inc();
+          duration.observe(seconds);
+        },
+      };
+      this.recorders.set(key, recorder);
+    }
+    return recorder;
+  }
+}

@@ -1,0 +1,174 @@
+// Who a verified peer is, and whether it may make a request. `authorize` is a pure function of
+// the policy, the peer and the request, so every rule is unit-tested with values built in memory.
+// Allow-list entries are ORed: a peer is allowed when any of its names matches any entry.
+import type { X509Certificate } from "node:crypto";
+
+/** The identity a verified certificate vouches for. Built once per certificate, then cached. */
+export interface PeerIdentity {
+  /** Every name that may match an allow-list entry: DNS SANs, URI SANs and the subject CN. */
+  names: string[];
+  /** The name used in logs and metric labels: the first DNS SAN, else the first URI SAN, else the CN. */
+  primary: string;
+  commonName: string | null;
+  dns: string[];
+  uris: string[];
+  /** RFC 2253 subject, e.g. "CN=boards.ashchan.local". */
+  subject: string;
+  serial: string;
+  /** Lower-case hex SHA-256 of the DER certificate (XFCC's Hash). */
+  sha256: string;
+}
+
+/** Splits Node's subjectAltName text ("DNS:a, URI:b, IP Address:c"; values with commas JSON-quoted). */
+export function parseSubjectAltName(text: string | undefined): Array<{ type: string; value: string }> {
+  const out: Array<{ type: string; value: string }> = [];
+  if (!text) return out;
+  const entry = /\s*([A-Za-z ]+):("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)/y;
+  let match: RegExpExecArray | null = entry.exec(text);
+  while (match && match[0] !== "") {
+    const raw = match[2] ?? "";
+    out.push({ type: match[1] ?? "", value: raw.startsWith('"') ? (JSON.parse(raw) as string) : raw });
+    match = entry.exec(text);
+  }
+  return out;
+}
+
+/** "C=US\nO=x\nCN=y" (Node's order) → "CN=y,O=x,C=US" (RFC 2253). */
+export function rfc2253(subject: string): string {
+  return subject
+    .split("\n")
+    .filter(Boolean)
+    .reverse()
+    .map((rdn) => rdn.replace(/([,+"\\<>;])/g, "\\$1"))
+    .join(",");
+}
+
+export function peerIdentity(cert: X509Certificate): PeerIdentity {
+  const sans = parseSubjectAltName(cert.subjectAltName);
+  const dns = sans.filter((s) => s.type === "DNS").map((s) => s.value.toLowerCase());
+  const uris = sans.filter((s) => s.type === "URI").map((s) => s.value);
+  const cnLine = cert.subject.split("\n").find((line) => line.startsWith("CN="));
+  const commonName = cnLine ? cnLine.slice(3) : null;
+  const names = [...new Set([...dns, ...uris, ...(commonName ? [commonName.toLowerCase()] : [])])];
+  return {
+    names,
+    primary: dns[0] ?? uris[0] ?? commonName ?? `serial:${cert.serialNumber.toLowerCase()}`,
+    commonName,
+    dns,
+    uris,
+    subject: rfc2253(cert.subject),
+    serial: cert.serialNumber.toLowerCase(),
+    sha256: cert.fingerprint256.replaceAll(":", "").toLowerCase(),
+  };
+}
+
+/** Compiled allow-list: exact names, "*.domain" (exactly one more label), or "*" (any verified peer). */
+export interface IdentityMatcher {
+  any: boolean;
+  exact: Set<string>;
+  /** ".ashchan.local" for "*.ashchan.local". */
+  suffixes: string[];
+}
+
+export function compileMatcher(entries: readonly string[]): IdentityMatcher {
+  const matcher: IdentityMatcher = { any: false, exact: new Set(), suffixes: [] };
+  for (const entry of entries) {
+    if (entry === "*") matcher.any = true;
+    else if (entry.startsWith("*.")) matcher.suffixes.push(entry.slice(1).toLowerCase());
+    else matcher.exact.add(entry.startsWith("spiffe:") ? entry : entry.toLowerCase());
+  }
+  return matcher;
+}
+
+export function matchesName(matcher: IdentityMatcher, name: string): boolean {
+  if (matcher.any || matcher.exact.has(name)) return true;
+  for (const suffix of matcher.suffixes) {
+    if (name.length > suffix.length && name.endsWith(suffix)) {
+      const label = name.slice(0, name.length - suffix.length);
+      if (!label.includes(".") && !label.includes("/") && !label.includes(":")) return true;
+    }
+  }
+  return false;
+}
+
+export function matches(matcher: IdentityMatcher, names: readonly string[]): boolean {
+  for (const name of names) if (matchesName(matcher, name)) return true;
+  return false;
+}
+
+export interface Route {
+  /** Path prefix on segment boundaries: "/api/v1/verify" matches "/api/v1/verify/x", not "/api/v1/verifyx". */
+  path: string;
+  methods: ReadonlySet<string> | null;
+  allow: IdentityMatcher;
+}
+
+export interface Policy {
+  /** null: any identity the mesh CA signed. */
+  allow: IdentityMatcher | null;
+  routes: Route[];
+}
+
+export interface PolicyInput {
+  allow?: readonly string[] | undefined;
+  routes?: ReadonlyArray<{ path: string; methods?: readonly string[] | undefined; allow: readonly string[] }>;
+}
+
+export function compilePolicy(input: PolicyInput): Policy {
+  return {
+    allow: input.allow ? compileMatcher(input.allow) : null,
+    routes: (input.routes ?? []).map((r) => ({
+      path: r.path.length > 1 ? r.path.replace(/\/+$/, "") : r.path,
+      methods: r.methods ? new Set(r.methods) : null,
+      allow: compileMatcher(r.allow),
+    })),
+  };
+}
+
+export type Decision =
+  | { allowed: true; route: string }
+  | { allowed: false; route: string; reason: "not_allowed" | "unauthenticated" | "non_canonical_path" };
+
+function underPrefix(path: string, prefix: string): boolean {
+  if (prefix === "/") return true;
+  return path === prefix || (path.startsWith(prefix) && path.charCodeAt(prefix.length) === 47) /* / */;
+}
+
+/**
+ * A path that two parsers could read differently: dot segments, doubled or encoded slashes,
+ * backslashes, encoded dots. With path rules in force, such a request is refused rather than
+ * guessed at, so "/api/v1/verify" cannot be reached as "/api//v1/./verify" or "/api/v1/%76erify".
+ */
+export function isCanonicalPath(path: string): boolean {
+  if (path.includes("//") || path.includes("\\")) return false;
+  if (/%(?:2e|2f|5c)/i.test(path)) return false;
+  for (const segment of path.split("/")) if (segment === "." || segment === "..") return false;
+  return !/%(?:[46][1-9a-f]|[57][0-9a]|3[0-9]|2d|5f|7e)/i.test(path); // encoded unreserved characters
+}
+
+/**
+ * The decision for one request. `path` is the request target without its query string;
+ * `peer` is null for a client without a certificate (only possible with verifyClient: false).
+ */
+export function authorize(policy: Policy, peer: PeerIdentity | null, method: string, path: string): Decision {
+  let allow = policy.allow;
+  let route = "default";
+  if (policy.routes.length > 0) {
+    if (!isCanonicalPath(path)) return { allowed: false, route, reason: "non_canonical_path" };
+    for (const r of policy.routes) {
+      if ((r.methods === null || r.methods.has(method)) && underPrefix(path, r.path)) {
+        allow = r.allow;
+        route = r.path;
+        break;
+      }
+    }
+  }
+  if (peer === null) {
+    // A peer without a certificate only passes where any caller is allowed and no rule applies.
+    return policy.allow === null && route === "default"
+      ? { allowed: true, route }
+      : { allowed: false, route, reason: "unauthenticated" };
+  }
+  if (allow === null || matches(allow, peer.names)) return { allowed: true, route };
+  return { allowed: false, route, reason: "not_allowed" };
+}

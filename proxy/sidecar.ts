@@ -1,0 +1,280 @@
+// One sidecar: builds the listeners from a configuration, starts them, swaps identities on
+// reload, drains on shutdown. Several sidecars can live in one process (`ashmesh up`, tests):
+// each has its own registry, logger and identity store.
+
+import type { Server } from "node:http";
+import type { AddressInfo } from "node:net";
+import type { DestinationStream } from "pino";
+import type { Config } from "../config/schema.js";
+import { createAdminServer } from "./admin.js";
+import { Edges } from "./edges.js";
+import { type Identity, IdentityError, IdentityStore, loadIdentity } from "./identity.js";
+import { Inbound } from "./inbound.js";
+import { createLogger, type Logger } from "./log.js";
+import { Metrics } from "./metrics.js";
+import { Outbound } from "./outbound.js";
+
+export interface SidecarOptions {
+  /** Where log lines go (default stdout). */
+  logDestination?: DestinationStream;
+  logger?: Logger;
+  /** prom-client's process metrics; off for extra sidecars sharing one process. */
+  processMetrics?: boolean;
+  /** Watch the identity files (default true). */
+  watch?: boolean;
+}
+
+export interface Listening {
+  inbound: AddressInfo | null;
+  outbound: Array<{ name: string; address: AddressInfo }>;
+  admin: AddressInfo | null;
+}
+
+const DAY_MS = 86_400_000;
+const EXPIRY_WARNING_DAYS = 30;
+
+export class Sidecar {
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  readonly edges = new Edges();
+  readonly identity: IdentityStore;
+  private inbound: Inbound | null = null;
+  private outbound: Outbound | null = null;
+  private admin: Server | null = null;
+  private state: "created" | "starting" | "running" | "draining" | "stopped" = "created";
+  private listening: Listening = { inbound: null, outbound: [], admin: null };
+  private expiryTimer: NodeJS.Timeout | null = null;
+  private readonly startedAt = new Date();
+
+  private constructor(
+    readonly config: Config,
+    identity: Identity,
+    logger: Logger,
+    private readonly options: SidecarOptions,
+  ) {
+    this.logger = logger;
+    this.identity = new IdentityStore(identity, config.tls, config.service.dnsName);
+    this.metrics = new Metrics(
+      {
+        certificates: () => {
+          const id = this.identity.current;
+          return [
+            { cert: "server" as const, subject: id.server.summary.subject, notAfter: id.server.summary.notAfter },
+            { cert: "client" as const, subject: id.client.summary.subject, notAfter: id.client.summary.notAfter },
+            ...id.ca.summaries.map((s) => ({ cert: "ca" as const, subject: s.subject, notAfter: s.notAfter })),
+          ];
+        },
+        crls: () =>
+          (this.identity.current.crl?.lists ?? []).map((l) => ({ issuer: l.issuer, nextUpdate: l.nextUpdate })),
+      },
+      { processMetrics: options.processMetrics ?? true },
+    );
+    this.identity.on("change", (change) => {
+      this.inbound?.applyIdentity(change);
+      this.outbound?.applyIdentity(change);
+      this.metrics.certReloads.inc({ result: "ok" });
+      const s = change.next.server.summary;
+      this.logger.info({
+        event: "cert_reloaded",
+        trigger: this.identity.lastReload?.trigger,
+        serial: s.serial,
+        not_after: s.notAfter.toISOString(),
+        server_changed: change.serverChanged,
+        client_changed: change.clientChanged,
+        trust_changed: change.trustChanged,
+      });
+      this.reportIdentity(change.next);
+    });
+    this.identity.on("failed", (err, trigger) => {
+      this.metrics.certReloads.inc({ result: "failed" });
+      this.logger.error({
+        event: "cert_reload_failed",
+        trigger,
+        reason: err.message,
+        ...(err instanceof IdentityError ? { field: err.field, file: err.file } : {}),
+        kept_serial: this.identity.current.server.summary.serial,
+      });
+    });
+  }
+
+  /** Loads and validates the identity; an IdentityError names the field and file at fault. */
+  static async create(config: Config, options: SidecarOptions = {}): Promise<Sidecar> {
+    const logger =
+      options.logger ??
+      createLogger({
+        service: config.service.name,
+        level: config.log.level,
+        ...(options.logDestination ? { destination: options.logDestination } : {}),
+      });
+    const identity = await loadIdentity(config.tls, { dnsName: config.service.dnsName });
+    return new Sidecar(config, identity, logger, options);
+  }
+
+  async start(): Promise<Listening> {
+    const { config, logger } = this;
+    this.state = "starting";
+    const deps = { config, identity: this.identity.current, metrics: this.metrics, logger, edges: this.edges };
+    this.reportIdentity(this.identity.current);
+    if (config.inbound.enabled) {
+      if (!config.inbound.verifyClient) {
+        logger.warn({
+          event: "config_warning",
+          message:
+            "inbound.verifyClient is false: clients without a certificate are accepted where no allow-list applies",
+        });
+      }
+      if (!config.inbound.allow) {
+        logger.warn({
+          event: "config_warning",
+          message: "inbound.allow is not set: any identity the mesh CA signed may call this service",
+        });
+      }
+      this.inbound = new Inbound(deps);
+      this.listening.inbound = await this.inbound.listen();
+      logger.info({
+        event: "listening",
+        listener: "inbound",
+        address: formatAddress(this.listening.inbound),
+        app: config.inbound.app,
+      });
+    }
+    if (config.outbound.enabled) {
+      this.outbound = new Outbound(deps);
+      this.listening.outbound = await this.outbound.listen();
+      for (const l of this.listening.outbound) {
+        logger.info({ event: "listening", listener: "outbound", name: l.name, address: formatAddress(l.address) });
+      }
+    }
+    if (config.admin.enabled) {
+      this.admin = createAdminServer({
+        registry: this.metrics.registry,
+        ready: () => this.readiness(),
+        status: () => this.status(),
+        edges: () => this.edges.list(),
+      });
+      const { host, port } = config.admin.listen;
+      await new Promise<void>((resolve, reject) => {
+        this.admin?.once("error", reject);
+        this.admin?.listen(port, host, () => resolve());
+      });
+      this.listening.admin = this.admin.address() as AddressInfo;
+      logger.info({ event: "listening", listener: "admin", address: formatAddress(this.listening.admin) });
+    }
+    if (this.options.watch ?? true) await this.identity.watch();
+    this.expiryTimer = setInterval(() => this.reportIdentity(this.identity.current), 6 * 3600_000).unref();
+    this.state = "running";
+    return this.listening;
+  }
+
+  /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, own revocation. */
+  private reportIdentity(identity: Identity): void {
+    for (const warning of identity.warnings) this.logger.warn({ event: "identity_warning", message: warning });
+    const certs = [identity.server.summary, ...(identity.client !== identity.server ? [identity.client.summary] : [])];
+    for (const s of certs) {
+      const days = (s.notAfter.getTime() - Date.now()) / DAY_MS;
+      if (days < EXPIRY_WARNING_DAYS) {
+        this.logger.warn({
+          event: "cert_expiring",
+          subject: s.subject,
+          serial: s.serial,
+          days_left: Math.floor(days),
+          not_after: s.notAfter.toISOString(),
+        });
+      }
+    }
+  }
+
+  reload(trigger = "SIGHUP"): Promise<boolean> {
+    return this.identity.reload(trigger);
+  }
+
+  readiness(): { ready: true } | { ready: false; reason: string } {
+    if (this.state === "running") return { ready: true };
+    return { ready: false, reason: this.state === "draining" ? "draining" : `sidecar is ${this.state}` };
+  }
+
+  get addresses(): Listening {
+    return this.listening;
+  }
+
+  status(): unknown {
+    const id = this.identity.current;
+    const cert = (s: typeof id.server.summary) => ({
+      subject: s.subject,
+      identity: s.identity,
+      sans: [...s.dns, ...s.uris],
+      issuer: s.issuer,
+      serial: s.serial,
+      not_before: s.notBefore.toISOString(),
+      not_after: s.notAfter.toISOString(),
+      days_left: Math.floor((s.notAfter.getTime() - Date.now()) / DAY_MS),
+      sha256: s.sha256,
+    });
+    return {
+      service: this.config.service.name,
+      dns_name: this.config.service.dnsName,
+      state: this.state,
+      started_at: this.startedAt.toISOString(),
+      identity: {
+        version: id.version,
+        loaded_at: id.loadedAt.toISOString(),
+        server: cert(id.server.summary),
+        client: cert(id.client.summary),
+        ca: id.ca.summaries.map(cert),
+        crl: (id.crl?.lists ?? []).map((l) => ({
+          issuer: l.issuer,
+          this_update: l.thisUpdate.toISOString(),
+          next_update: l.nextUpdate?.toISOString() ?? null,
+          revoked: l.revoked.size,
+        })),
+        warnings: id.warnings,
+      },
+      last_reload: this.identity.lastReload
+        ? { ...this.identity.lastReload, at: this.identity.lastReload.at.toISOString() }
+        : null,
+      listeners: {
+        inbound: this.listening.inbound
+          ? {
+              address: formatAddress(this.listening.inbound),
+              verify_client: this.config.inbound.verifyClient,
+              app: this.config.inbound.app,
+            }
+          : null,
+        outbound: this.listening.outbound.map((l) => ({ name: l.name, address: formatAddress(l.address) })),
+        admin: this.listening.admin ? formatAddress(this.listening.admin) : null,
+      },
+      open_connections: { inbound: this.inbound?.openConnections ?? 0 },
+    };
+  }
+
+  /** SIGTERM: not ready, stop accepting, let requests in flight finish (up to drainTimeoutMs), stop. */
+  async drain(): Promise<void> {
+    if (this.state === "draining" || this.state === "stopped") return;
+    this.state = "draining";
+    const deadline = Date.now() + this.config.limits.drainTimeoutMs;
+    this.logger.info({
+      event: "draining",
+      timeout_ms: this.config.limits.drainTimeoutMs,
+      open_connections: this.inbound?.openConnections ?? 0,
+    });
+    await Promise.all([this.inbound?.drain(deadline), this.outbound?.drain(deadline)]);
+    await this.stop();
+  }
+
+  async stop(): Promise<void> {
+    if (this.state === "stopped") return;
+    this.state = "stopped";
+    if (this.expiryTimer) clearInterval(this.expiryTimer);
+    await this.identity.close();
+    await Promise.all([this.inbound?.close(), this.outbound?.close()]);
+    if (this.admin) {
+      this.admin.closeAllConnections();
+      await new Promise<void>((resolve) => this.admin?.close(() => resolve()));
+    }
+    this.logger.info({ event: "stopped" });
+  }
+}
+
+export function formatAddress(a: AddressInfo): string {
+  return a.family === "IPv6" ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`;
+}
