@@ -224,7 +224,8 @@ export class Inbound {
           res,
           new ProxyError("non_canonical_path", `the path ${JSON.stringify(path)} is not in canonical form`),
         );
-        return done(400);
+        done(400);
+        return;
       }
       this.deps.metrics.authzDenied.inc({ identity: connection.label, route: decision.route });
       this.deps.logger.info({
