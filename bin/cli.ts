@@ -23,6 +23,7 @@ export type Command = (argv: string[]) => Promise<number>;
 
 const COMMANDS: Record<string, () => Promise<Command>> = {
   proxy: async () => (await import("./proxy.js")).main,
+  up: async () => (await import("./up.js")).main,
   certs: async () => (await import("./certs.js")).main,
 };
 

@@ -24,6 +24,8 @@ interface EnvVar {
   set: Setter;
   /** What the variable takes, when the schema's wording for the field would mislead. */
   expected?: string;
+  /** Lists: set but empty means the empty list (nobody), not "unset". */
+  emptyIsValue?: boolean;
 }
 
 function at(raw: Record<string, unknown>, section: string): Record<string, unknown> {
@@ -79,11 +81,15 @@ export const ENV_VARS: Record<string, EnvVar> = {
   MTLS_VERIFY_CLIENT: { field: "inbound.verifyClient", set: put("inbound", "verifyClient", bool) },
   MTLS_MIN_TLS_VERSION: { field: "tls.minVersion", set: put("tls", "minVersion") },
   MTLS_CIPHERS: { field: "tls.ciphers", set: put("tls", "ciphers", list) },
-  MTLS_ALLOW: { field: "inbound.allow", set: put("inbound", "allow", list) },
+  MTLS_ALLOW: { field: "inbound.allow", set: put("inbound", "allow", list), emptyIsValue: true },
   APP_URL: { field: "inbound.app", set: put("inbound", "app") },
   OUTBOUND_ENABLED: { field: "outbound.enabled", set: put("outbound", "enabled", bool) },
   OUTBOUND_LISTEN: { field: "outbound.listen", set: put("outbound", "listen", (v) => v || null) },
-  OUTBOUND_DESTINATIONS: { field: "outbound.destinations", set: put("outbound", "destinations", list) },
+  OUTBOUND_DESTINATIONS: {
+    field: "outbound.destinations",
+    set: put("outbound", "destinations", list),
+    emptyIsValue: true,
+  },
   ADMIN_LISTEN: { field: "admin.listen", set: put("admin", "listen") },
   LOG_LEVEL: { field: "log.level", set: put("log", "level", (v) => v.trim().toLowerCase()) },
 };
@@ -150,7 +156,7 @@ export function parseConfig(input: unknown, options: { env?: Env; source?: strin
   const fromEnv = new Map<string, { field: string; value: string }>();
   for (const [name, variable] of Object.entries(ENV_VARS)) {
     const value = options.env?.[name];
-    if (value === undefined || value === "") continue;
+    if (value === undefined || (value === "" && !variable.emptyIsValue)) continue;
     variable.set(raw, value);
     fromEnv.set(name, { field: variable.field, value });
   }

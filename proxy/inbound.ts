@@ -155,7 +155,7 @@ export class Inbound {
           src_identity: label,
           dst_identity: ours,
         },
-        state.version,
+        { version: state.version, cipher: state.cipher },
       ),
       serial: state.kind === "verified" ? state.peer.serial : null,
     };

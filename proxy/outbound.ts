@@ -227,7 +227,7 @@ export class Outbound {
           }
           const tlsSocket = socket as TLSSocket;
           metrics.handshakeOk("outbound", (performance.now() - started) / 1000);
-          edge.tls(tlsSocket.getProtocol() ?? "unknown");
+          edge.tls(tlsSocket.getProtocol() ?? "unknown", tlsSocket.getCipher()?.standardName ?? "unknown");
           metrics.openConnections.inc({ direction: "outbound" });
           tlsSocket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
           const cert: X509Certificate | undefined = tlsSocket.getPeerX509Certificate?.();

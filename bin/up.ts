@@ -1,0 +1,218 @@
+// `ashmesh up` (what `npm start` runs): the whole mesh of a mesh file on this machine, without
+// containers. Dev certificates under .ashmesh/pki, one stand-in app and one sidecar per service,
+// each service on its own loopback address so that every sidecar listens on :8443, as in Podman.
+// It sends the entry request, prints every hop with the identities both ends saw, and keeps
+// running until Ctrl-C (or exits with --once: 0 when every hop succeeded, 1 otherwise).
+import { createWriteStream, existsSync, mkdirSync } from "node:fs";
+import type http from "node:http";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { DevCa } from "../certs-dev/store.js";
+import { type HopReport, startStandinApp } from "../compose/standin.js";
+import { parseConfig } from "../config/load.js";
+import { loadMesh, localSidecarInput, type Mesh, service } from "../config/mesh.js";
+import { createLogger } from "../proxy/log.js";
+import { Sidecar } from "../proxy/sidecar.js";
+import { parse } from "./cli.js";
+
+const HELP = `ashmesh up [--mesh FILE] [--dir DIR] [--once]
+
+Runs the mesh of FILE (default compose/mesh.yaml) on this machine: a development CA and a
+certificate per service in DIR (default .ashmesh/pki; made when missing), a stand-in app and a
+sidecar per service, each on its own 127.0.0.0/8 address. Sends the entry request (the seed's
+post flow), prints every hop, and keeps running; --once exits after the flow (0 = every hop ok).
+Sidecar logs go to DIR/../logs/<service>.log.`;
+
+/** compose/mesh.yaml of this package, from dist/bin or bin. */
+export function defaultMeshFile(): string {
+  for (const candidate of ["../../compose/mesh.yaml", "../compose/mesh.yaml"]) {
+    const path = fileURLToPath(new URL(candidate, import.meta.url));
+    if (existsSync(path)) return path;
+  }
+  return "compose/mesh.yaml";
+}
+
+/** Makes the CA and any missing certificate; refreshes the CRL so it is never stale at start. */
+export async function ensurePki(mesh: Mesh, dir: string, say: (line: string) => void): Promise<DevCa> {
+  let ca: DevCa;
+  if (DevCa.exists(dir)) {
+    ca = DevCa.open(dir);
+  } else {
+    say(`creating a development CA in ${dir}`);
+    ca = await DevCa.init(dir, { commonName: mesh.caName });
+  }
+  const now = Date.now();
+  for (const s of mesh.services) {
+    const current = ca.records.find((r) => r.name === s.dnsName && !r.superseded && r.revokedAt === null);
+    if (current && Date.parse(current.notAfter) > now + 86_400_000 && existsSync(ca.identityFiles(s.dnsName).key))
+      continue;
+    say(`issuing a certificate for ${s.dnsName}`);
+    await ca.issue(s.dnsName, { replace: true });
+  }
+  await ca.writeCrl();
+  return ca;
+}
+
+interface Hop {
+  from: string;
+  to: string;
+  method: string;
+  path: string;
+  status: number;
+  callerSeen: string | null;
+  error?: string;
+}
+
+function flatten(from: string, report: HopReport, out: Hop[]): void {
+  for (const call of report.calls) {
+    out.push({
+      from,
+      to: call.to,
+      method: call.method,
+      path: call.path,
+      status: call.status,
+      callerSeen: call.answer?.caller ?? null,
+      ...(call.error ? { error: call.error } : {}),
+    });
+    if (call.answer) flatten(call.to, call.answer, out);
+  }
+}
+
+async function sendEntry(mesh: Mesh): Promise<{ status: number; report: HopReport | null; error?: string }> {
+  const entry = service(mesh, mesh.entry.service);
+  try {
+    const res = await fetch(`http://${entry.local}:${entry.appPort}${mesh.entry.path}`, {
+      method: mesh.entry.method,
+      headers: { "content-type": "application/json" },
+      body: mesh.entry.method === "GET" ? null : JSON.stringify({ comment: "hello from ashmesh up" }),
+      signal: AbortSignal.timeout(15_000),
+    });
+    return { status: res.status, report: (await res.json()) as HopReport };
+  } catch (err) {
+    return { status: 0, report: null, error: (err as Error).message };
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const { values } = parse({
+    args: argv,
+    options: {
+      mesh: { type: "string" },
+      dir: { type: "string", default: ".ashmesh/pki" },
+      once: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h" },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(`${HELP}\n`);
+    return 0;
+  }
+  const say = (line: string) => process.stdout.write(`${line}\n`);
+  const mesh = loadMesh(values.mesh ?? defaultMeshFile());
+  const dir = values.dir;
+  const logDir = join(dir, "..", "logs");
+  mkdirSync(logDir, { recursive: true });
+  await ensurePki(mesh, dir, say);
+
+  const sidecars = new Map<string, Sidecar>();
+  const apps: http.Server[] = [];
+  const stopAll = async () => {
+    await Promise.allSettled([...sidecars.values()].map((s) => s.drain()));
+    for (const a of apps) {
+      a.closeAllConnections();
+      a.close();
+    }
+  };
+  try {
+    for (const [i, s] of mesh.services.entries()) {
+      const config = parseConfig(localSidecarInput(mesh, s.key, dir), { source: `${mesh.file} (${s.key})` });
+      const logger = createLogger({
+        service: s.serviceName,
+        level: config.log.level,
+        destination: createWriteStream(join(logDir, `${s.key}.log`), { flags: "a" }),
+      });
+      const sidecar = await Sidecar.create(config, { logger, processMetrics: i === 0 });
+      sidecars.set(s.key, sidecar);
+      await sidecar.start();
+      const { server } = await startStandinApp({
+        mesh,
+        key: s.key,
+        proxy: `http://${s.local}:${mesh.ports.outbound}`,
+        host: s.local,
+        port: s.appPort,
+      });
+      apps.push(server);
+    }
+  } catch (err) {
+    await stopAll();
+    const e = err as NodeJS.ErrnoException & { address?: string; port?: number };
+    if (e.code === "EADDRINUSE") {
+      throw new Error(`${e.address}:${e.port} is in use: is another \`ashmesh up\` running? Stop it first`);
+    }
+    if (e.code === "EADDRNOTAVAIL") {
+      throw new Error(`cannot bind ${e.address}: this host does not route all of 127.0.0.0/8 to loopback`);
+    }
+    throw err;
+  }
+  say(`\n${mesh.services.length} services up, each with its sidecar (logs in ${logDir}/)\n`);
+
+  const entry = service(mesh, mesh.entry.service);
+  say(`client → ${entry.dnsName}  ${mesh.entry.method} ${mesh.entry.path}`);
+  const result = await sendEntry(mesh);
+  const hops: Hop[] = [];
+  if (result.report) flatten(entry.dnsName, result.report, hops);
+  let ok = result.status === 200 && hops.length > 0;
+  for (const hop of hops) {
+    const caller = mesh.services.find((s) => s.dnsName === hop.from);
+    const callee = mesh.services.find((s) => s.dnsName === hop.to);
+    // What each end verified: the callee's sidecar saw the client certificate (inbound edge),
+    // the caller's sidecar checked the server certificate (outbound edge).
+    const inboundEdge = callee
+      ? sidecars
+          .get(callee.key)
+          ?.edges.list()
+          .find((e) => e.direction === "inbound" && e.src_identity === hop.from)
+      : undefined;
+    const outboundEdge = caller
+      ? sidecars
+          .get(caller.key)
+          ?.edges.list()
+          .find((e) => e.direction === "outbound" && e.dst_identity === hop.to)
+      : undefined;
+    const good =
+      hop.status >= 200 &&
+      hop.status < 300 &&
+      hop.callerSeen === hop.from &&
+      inboundEdge?.src_identity === hop.from &&
+      outboundEdge?.dst_identity === hop.to;
+    ok &&= good;
+    say(
+      `  ${good ? "✔" : "×"} ${hop.from} → ${hop.to}  ${hop.method} ${hop.path}  ${hop.status || "failed"}\n` +
+        `      client cert seen by ${hop.to}: ${inboundEdge?.src_identity ?? "none"} (app read x-forwarded-client-cert: ${hop.callerSeen ?? "none"})\n` +
+        `      server cert verified by ${hop.from}'s sidecar: ${outboundEdge?.dst_identity ?? "none"}` +
+        `  (${inboundEdge?.tls_version ?? "?"}, ${inboundEdge?.cipher_suite ?? "?"})` +
+        (hop.error ? `\n      error: ${hop.error}` : ""),
+    );
+  }
+  if (!result.report) say(`  × the entry request failed: ${result.error ?? `status ${result.status}`}`);
+  say(
+    `\n${ok ? "✔ the post crossed the mesh: every hop mutually authenticated" : "× some hop failed (see above and the logs)"}`,
+  );
+  say("\nadmin endpoints (metrics, status, edges):");
+  for (const s of mesh.services)
+    say(`  ${s.key.padEnd(11)} http://${s.local}:${mesh.ports.admin}/metrics  /status  /edges`);
+
+  if (values.once) {
+    await stopAll();
+    return ok ? 0 : 1;
+  }
+  say("\nrunning; Ctrl-C to stop");
+  await new Promise<void>((resolve) => {
+    process.once("SIGINT", () => resolve());
+    process.once("SIGTERM", () => resolve());
+  });
+  say("stopping: draining the sidecars");
+  await stopAll();
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,206 @@
+// A whole mesh in one file (compose/mesh.yaml): its services, their names and ports, and who
+// calls whom. It is the one source for `certs issue-all`, each sidecar's allow-list, `ashmesh up`,
+// the podman-compose file and `ashmesh check --mesh`.
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { parse as parseYaml } from "yaml";
+import { z } from "zod";
+import { ConfigError } from "./load.js";
+import { type ConfigInput, isLoopback } from "./schema.js";
+
+const KEY = /^[a-z][a-z0-9-]*$/;
+
+const call = z.strictObject({
+  to: z.string().regex(KEY, "expected a service key of this file"),
+  method: z
+    .string()
+    .regex(/^[A-Z]+$/, "expected an upper-case HTTP method")
+    .default("GET"),
+  path: z.string().regex(/^\/\S*$/, "expected an absolute path"),
+});
+
+const serviceSchema = z.strictObject({
+  /** SERVICE_NAME, as logs and metrics show it. */
+  serviceName: z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/),
+  /** Default: <key>.<domain>. */
+  dnsName: z.string().optional(),
+  appPort: z.number().int().min(1).max(65535),
+  /** `ashmesh up`: this service's own loopback address, so that every service can use :8443. */
+  local: z.string().refine(isLoopback, "expected an address in 127.0.0.0/8"),
+  calls: z.array(call).default([]),
+});
+
+const meshSchema = z.strictObject({
+  domain: z.string().min(1),
+  caName: z.string().min(1).default("ashchan-ca"),
+  ports: z
+    .strictObject({
+      mtls: z.number().int().min(1).max(65535).default(8443),
+      admin: z.number().int().min(1).max(65535).default(9901),
+      outbound: z.number().int().min(1).max(65535).default(15001),
+    })
+    .prefault({}),
+  services: z.record(z.string().regex(KEY, "expected a lower-case key such as auth"), serviceSchema),
+  /** The request that starts the demo flow, sent to the entry service's app. */
+  entry: z.strictObject({
+    service: z.string().regex(KEY),
+    method: z
+      .string()
+      .regex(/^[A-Z]+$/)
+      .default("POST"),
+    path: z.string().regex(/^\/\S*$/),
+  }),
+});
+
+export interface MeshService {
+  key: string;
+  serviceName: string;
+  dnsName: string;
+  appPort: number;
+  local: string;
+  calls: Array<{ to: string; method: string; path: string }>;
+  /** Keys of the services that call this one: its allow-list. */
+  callers: string[];
+}
+
+export interface Mesh {
+  file: string;
+  domain: string;
+  caName: string;
+  ports: { mtls: number; admin: number; outbound: number };
+  services: MeshService[];
+  entry: { service: string; method: string; path: string };
+}
+
+export function service(mesh: Mesh, key: string): MeshService {
+  const found = mesh.services.find((s) => s.key === key);
+  if (!found)
+    throw new ConfigError(
+      `${mesh.file}: no service "${key}" (services: ${mesh.services.map((s) => s.key).join(", ")})`,
+    );
+  return found;
+}
+
+/** Every edge of the mesh, caller → callee, as declared by `calls`. */
+export function edges(mesh: Mesh): Array<{ from: MeshService; to: MeshService }> {
+  const out: Array<{ from: MeshService; to: MeshService }> = [];
+  for (const from of mesh.services) {
+    for (const key of new Set(from.calls.map((c) => c.to))) out.push({ from, to: service(mesh, key) });
+  }
+  return out;
+}
+
+export function parseMesh(input: unknown, file = "mesh"): Mesh {
+  const result = meshSchema.safeParse(input);
+  if (!result.success) {
+    const lines = result.error.issues.map((i) =>
+      i.code === "unrecognized_keys"
+        ? `unknown key ${i.keys.map((k) => `"${[...i.path, k].join(".")}"`).join(", ")}`
+        : `${i.path.join(".") || "the file"}: ${i.message}`,
+    );
+    throw new ConfigError(`${file}:\n  ${lines.join("\n  ")}`);
+  }
+  const m = result.data;
+  const services: MeshService[] = Object.entries(m.services).map(([key, s]) => ({
+    key,
+    serviceName: s.serviceName,
+    dnsName: s.dnsName ?? `${key}.${m.domain}`,
+    appPort: s.appPort,
+    local: s.local,
+    calls: s.calls,
+    callers: [],
+  }));
+  const problems: string[] = [];
+  for (const s of services) {
+    for (const c of s.calls) {
+      const callee = services.find((x) => x.key === c.to);
+      if (!callee) problems.push(`services.${s.key}.calls: "${c.to}" is not a service of this file`);
+      else if (!callee.callers.includes(s.key)) callee.callers.push(s.key);
+    }
+  }
+  const locals = new Map<string, string>();
+  for (const s of services) {
+    const other = locals.get(s.local);
+    if (other) problems.push(`services.${s.key}.local: ${s.local} is already used by ${other}`);
+    locals.set(s.local, s.key);
+  }
+  if (!services.some((s) => s.key === m.entry.service))
+    problems.push(`entry.service: "${m.entry.service}" is not a service of this file`);
+  if (problems.length) throw new ConfigError(`${file}:\n  ${problems.join("\n  ")}`);
+  return { file, domain: m.domain, caName: m.caName, ports: m.ports, services, entry: m.entry };
+}
+
+export function loadMesh(file: string): Mesh {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new ConfigError(
+      `${file}: cannot read the mesh file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+    );
+  }
+  let input: unknown;
+  try {
+    input = parseYaml(text, { uniqueKeys: true });
+  } catch (err) {
+    throw new ConfigError(`${file}: not valid YAML: ${(err as Error).message.split("\n")[0]}`);
+  }
+  return parseMesh(input, file);
+}
+
+/**
+ * One sidecar's configuration on this machine (`ashmesh up`): every listener on the service's
+ * own loopback address, peers resolved to theirs, certificates from the dev CA in `pkiDir`.
+ */
+export function localSidecarInput(mesh: Mesh, key: string, pkiDir: string): ConfigInput {
+  const s = service(mesh, key);
+  const resolve: Record<string, string> = {};
+  for (const other of mesh.services)
+    if (other.key !== key) resolve[other.dnsName] = `${other.local}:${mesh.ports.mtls}`;
+  return {
+    service: { name: s.serviceName, dnsName: s.dnsName },
+    tls: {
+      cert: join(pkiDir, s.dnsName, "server.crt"),
+      key: join(pkiDir, s.dnsName, "server.key"),
+      ca: join(pkiDir, "trust", "ca.crt"),
+      crl: join(pkiDir, "trust", "ca.crl"),
+    },
+    inbound: {
+      listen: `${s.local}:${mesh.ports.mtls}`,
+      app: `http://${s.local}:${s.appPort}`,
+      allow: s.callers.map((c) => service(mesh, c).dnsName),
+    },
+    outbound: {
+      listen: `${s.local}:${mesh.ports.outbound}`,
+      destinations: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))],
+      resolve,
+    },
+    admin: { listen: `${s.local}:${mesh.ports.admin}` },
+  };
+}
+
+/**
+ * The environment of one sidecar container (podman-compose, systemd EnvironmentFile): the seed's
+ * variables only, which is how a service moves onto the mesh without a code change.
+ */
+export function containerSidecarEnv(mesh: Mesh, key: string): Record<string, string> {
+  const s = service(mesh, key);
+  return {
+    SERVICE_NAME: s.serviceName,
+    SERVICE_DNS_NAME: s.dnsName,
+    MTLS_ENABLED: "true",
+    MTLS_PORT: String(mesh.ports.mtls),
+    MTLS_CERT_FILE: "/etc/mtls/identity/server.crt",
+    MTLS_KEY_FILE: "/etc/mtls/identity/server.key",
+    MTLS_CA_FILE: "/etc/mtls/trust/ca.crt",
+    MTLS_CRL_FILE: "/etc/mtls/trust/ca.crl",
+    MTLS_VERIFY_CLIENT: "true",
+    MTLS_MIN_TLS_VERSION: "TLSv1.3",
+    MTLS_ALLOW: s.callers.map((c) => service(mesh, c).dnsName).join(","),
+    APP_URL: `http://127.0.0.1:${s.appPort}`,
+    OUTBOUND_LISTEN: `127.0.0.1:${mesh.ports.outbound}`,
+    OUTBOUND_DESTINATIONS: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))].join(","),
+    ADMIN_LISTEN: `0.0.0.0:${mesh.ports.admin}`,
+    LOG_LEVEL: "info",
+  };
+}
