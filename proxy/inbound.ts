@@ -123,7 +123,7 @@ export class Inbound {
 
   private onSecureConnection(socket: InboundSocket): void {
     const { metrics, logger, config } = this.deps;
-    const state = classifyInbound(socket, config.inbound.verifyClient);
+    const state = classifyInbound(socket, config.inbound.verifyClient, this.identity.ca.certs);
     const remote = socket.remoteAddress ?? "unknown";
     if (state.kind === "refused") {
       metrics.handshakeFailed("inbound", state.reason);

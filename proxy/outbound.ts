@@ -6,7 +6,7 @@
 import { createHash, type X509Certificate } from "node:crypto";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { type AddressInfo, isIP, type Socket } from "node:net";
-import type { PeerCertificate, SecureContext, TLSSocket } from "node:tls";
+import type { SecureContext, TLSSocket } from "node:tls";
 import { buildConnector, Pool } from "undici";
 import type { Config } from "../config/schema.js";
 import { parseHostPort } from "../config/schema.js";
@@ -16,8 +16,8 @@ import { forward, forwardRequestHeaders } from "./forward.js";
 import type { Identity, IdentityChange } from "./identity.js";
 import type { Logger } from "./log.js";
 import type { Metrics, RequestRecorder } from "./metrics.js";
-import { compileMatcher, type IdentityMatcher, matchesName, parseSubjectAltName } from "./policy.js";
-import { clientSecureContext, failureReason, isTlsFailure } from "./tls.js";
+import { compileMatcher, type IdentityMatcher, matchesName, parseSubjectAltName, rfc2253 } from "./policy.js";
+import { clientSecureContext, failureReason, isTlsFailure, refusalReason } from "./tls.js";
 
 /** Where requests for one logical peer go, and what its certificate must say. */
 interface Upstream {
@@ -41,7 +41,8 @@ interface Route {
 /** The pools and the client context of one identity; replaced whole when the identity changes. */
 interface Generation {
   context: SecureContext;
-  routes: Map<string, Route>;
+  /** Keyed by the Upstream value itself: two upstreams with one address may differ in pin. */
+  routes: Map<Upstream, Route>;
 }
 
 export interface OutboundDeps {
@@ -52,33 +53,54 @@ export interface OutboundDeps {
   edges: Edges;
 }
 
-function pinOf(cert: PeerCertificate): string {
-  return cert.pubkey ? createHash("sha256").update(cert.pubkey).digest("base64") : "";
+/**
+ * Decides whether a server that completed its handshake is the one the request is meant for:
+ * the chain verified (against our CA bundle and CRL), an exact DNS or URI SAN equal to the
+ * expected identity (never a wildcard), and the SPKI pin when one is set. Returns the refusal
+ * as an error whose code feeds the failure reason, or null.
+ */
+export function verifyServer(socket: TLSSocket, upstream: Upstream, trust: readonly X509Certificate[]): Error | null {
+  const cert = socket.getPeerX509Certificate();
+  const refuse = (code: string, message: string) => Object.assign(new Error(message), { code });
+  if (!cert) return refuse("ASHMESH_PEER_NO_CERT", `${upstream.label} presented no certificate`);
+  if (!socket.authorized) {
+    const code = String(socket.authorizationError ?? "UNKNOWN");
+    const reason = refusalReason(code, cert, trust);
+    return refuse(
+      reason === "unknown_ca" ? "ASHMESH_PEER_UNKNOWN_CA" : code,
+      `${upstream.label}: the server certificate did not verify: ${reason} (${code})`,
+    );
+  }
+  const names = parseSubjectAltName(cert.subjectAltName).filter((n) => n.type === "DNS" || n.type === "URI");
+  const match = names.some((n) =>
+    n.type === "DNS" ? n.value.toLowerCase() === upstream.identity : n.value === upstream.identity,
+  );
+  if (!match) {
+    const presented = names.map((n) => n.value).join(", ") || rfc2253(cert.subject);
+    return refuse(
+      "ASHMESH_PEER_IDENTITY",
+      `${upstream.label} presented a certificate for ${presented}, not for ${upstream.identity}`,
+    );
+  }
+  if (upstream.pin) {
+    const spki = cert.publicKey.export({ type: "spki", format: "der" });
+    const pin = createHash("sha256").update(spki).digest("base64");
+    if (pin !== upstream.pin.replace(/^sha256\/\/?/, "")) {
+      return refuse(
+        "ASHMESH_PEER_PIN",
+        `${upstream.label} presented a key whose SPKI pin sha256//${pin} is not the configured pin`,
+      );
+    }
+  }
+  return null;
 }
 
-/** Node's checkServerIdentity, narrowed to the mesh: an exact SAN, never a wildcard, and the pin. */
-function identityChecker(upstream: Upstream): (host: string, cert: PeerCertificate) => Error | undefined {
-  const wantedPin = upstream.pin?.replace(/^sha256\/\/?/, "") ?? null;
-  return (_host, cert) => {
-    const names = parseSubjectAltName(cert.subjectaltname).filter((n) => n.type === "DNS" || n.type === "URI");
-    const match = names.some((n) =>
-      n.type === "DNS" ? n.value.toLowerCase() === upstream.identity : n.value === upstream.identity,
-    );
-    if (!match) {
-      const presented = names.map((n) => n.value).join(", ") || `CN=${cert.subject?.CN ?? "?"}`;
-      return Object.assign(
-        new Error(`${upstream.label} presented a certificate for ${presented}, not for ${upstream.identity}`),
-        { code: "ASHMESH_PEER_IDENTITY" },
-      );
-    }
-    if (wantedPin && pinOf(cert) !== wantedPin) {
-      return Object.assign(
-        new Error(`${upstream.label} presented a key whose SPKI pin sha256/${pinOf(cert)} is not the configured pin`),
-        { code: "ASHMESH_PEER_PIN" },
-      );
-    }
-    return undefined;
-  };
+/** "http://host:port/p?q" → "/p?q". */
+function originForm(target: string): string {
+  const scheme = target.indexOf("://");
+  if (scheme === -1) return `/${target}`;
+  const slash = target.indexOf("/", scheme + 3);
+  return slash === -1 ? "/" : target.slice(slash);
 }
 
 export class Outbound {
@@ -140,6 +162,9 @@ export class Outbound {
         `HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
       );
     });
+    server.on("upgrade", (_req, socket: Socket) => {
+      socket.end("HTTP/1.1 501 Not Implemented\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+    });
     server.on("clientError", (err: NodeJS.ErrnoException, socket: Socket) => {
       if (err.code === "ECONNRESET" || !socket.writable) return socket.destroy();
       socket.end("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
@@ -170,9 +195,8 @@ export class Outbound {
 
   /** The route (pool, metrics, edge) for an upstream in the current generation; made on first use. */
   private route(upstream: Upstream): Route {
-    const key = `${upstream.identity}\u0000${upstream.host}:${upstream.port}`;
     const generation = this.generation;
-    let route = generation.routes.get(key);
+    let route = generation.routes.get(upstream);
     if (!route) {
       const edge = this.deps.edges.edge({
         direction: "outbound",
@@ -187,7 +211,7 @@ export class Outbound {
         recorder: this.deps.metrics.recorder("outbound", upstream.identity),
         edge,
       };
-      generation.routes.set(key, route);
+      generation.routes.set(upstream, route);
     }
     return route;
   }
@@ -197,35 +221,42 @@ export class Outbound {
     const { metrics, logger } = this.deps;
     const base = buildConnector({
       secureContext: context,
-      rejectUnauthorized: true,
-      checkServerIdentity: identityChecker(upstream),
+      // verifyServer decides (below), so that a refusal carries its real reason and the names seen.
+      rejectUnauthorized: false,
+      checkServerIdentity: () => undefined,
       maxCachedSessions: 100,
       timeout: 5_000,
       noDelay: true,
     } as buildConnector.BuildOptions);
     const connect: buildConnector.connector = (options, callback) => {
       const started = performance.now();
+      const fail = (err: Error) => {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (isTlsFailure(code)) {
+          const reason = failureReason(code);
+          metrics.handshakeFailed("outbound", reason);
+          logger.warn({
+            event: "mtls_handshake_failed",
+            direction: "outbound",
+            reason,
+            detail: err.message,
+            remote_addr: `${upstream.host}:${upstream.port}`,
+            server_identity: upstream.identity,
+          });
+        }
+        callback(err, null);
+      };
       base(
         // The name is the identity (SNI, session cache); the address may be a resolve override.
         { ...options, hostname: upstream.host, port: String(upstream.port), servername: upstream.identity },
         (err, socket) => {
-          if (err) {
-            const code = (err as NodeJS.ErrnoException).code;
-            if (isTlsFailure(code)) {
-              const reason = failureReason(code);
-              metrics.handshakeFailed("outbound", reason);
-              logger.warn({
-                event: "mtls_handshake_failed",
-                direction: "outbound",
-                reason,
-                detail: err.message,
-                remote_addr: `${upstream.host}:${upstream.port}`,
-                server_identity: upstream.identity,
-              });
-            }
-            return callback(err, null);
-          }
+          if (err) return fail(err);
           const tlsSocket = socket as TLSSocket;
+          const refusal = verifyServer(tlsSocket, upstream, this.identity.ca.certs);
+          if (refusal) {
+            tlsSocket.destroy();
+            return fail(refusal);
+          }
           metrics.handshakeOk("outbound", (performance.now() - started) / 1000);
           edge.tls(tlsSocket.getProtocol() ?? "unknown", tlsSocket.getCipher()?.standardName ?? "unknown");
           metrics.openConnections.inc({ direction: "outbound" });
@@ -275,6 +306,8 @@ export class Outbound {
       host = target.host;
     } else {
       host = upstream.identity;
+      // A server must accept absolute-form too (RFC 9112 §3.2.2); the upstream is fixed anyway.
+      if (!path.startsWith("/")) path = originForm(path);
     }
     if (this.draining) res.shouldKeepAlive = false;
     const route = this.route(upstream);

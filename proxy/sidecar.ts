@@ -145,6 +145,10 @@ export class Sidecar {
         logger.info({ event: "listening", listener: "outbound", name: l.name, address: formatAddress(l.address) });
       }
     }
+    if (this.options.watch ?? true) await this.identity.watch();
+    // Ready from here: identity loaded, data listeners up. The admin listener comes last so that
+    // its "listening" line means /readyz already answers 200.
+    this.state = "running";
     if (config.admin.enabled) {
       this.admin = createAdminServer({
         registry: this.metrics.registry,
@@ -160,9 +164,7 @@ export class Sidecar {
       this.listening.admin = this.admin.address() as AddressInfo;
       logger.info({ event: "listening", listener: "admin", address: formatAddress(this.listening.admin) });
     }
-    if (this.options.watch ?? true) await this.identity.watch();
     this.expiryTimer = setInterval(() => this.reportIdentity(this.identity.current), 6 * 3600_000).unref();
-    this.state = "running";
     return this.listening;
   }
 

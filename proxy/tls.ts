@@ -4,7 +4,7 @@
 import type { X509Certificate } from "node:crypto";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
-import type { Identity } from "./identity.js";
+import { chainToCa, type Identity } from "./identity.js";
 import type { FailureReason } from "./metrics.js";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
 
@@ -33,6 +33,8 @@ const VERIFY_REASONS: Record<string, FailureReason> = {
   ERR_TLS_CERT_ALTNAME_INVALID: "bad_san",
   ASHMESH_PEER_IDENTITY: "bad_san",
   ASHMESH_PEER_PIN: "bad_pin",
+  ASHMESH_PEER_UNKNOWN_CA: "unknown_ca",
+  ASHMESH_PEER_NO_CERT: "protocol",
   ERR_TLS_HANDSHAKE_TIMEOUT: "timeout",
   UND_ERR_CONNECT_TIMEOUT: "timeout",
 };
@@ -52,11 +54,26 @@ export function isTlsFailure(code: string | undefined): boolean {
 }
 
 /**
+ * The reason for a verify error, refined: with CRL checks on, OpenSSL reports a certificate from
+ * a foreign CA as UNABLE_TO_GET_CRL (it looks for that issuer's CRL first). Every CA we trust has
+ * a CRL (identity.ts insists), so a leaf that chains to none of them is an unknown CA.
+ */
+export function refusalReason(
+  code: string,
+  cert: X509Certificate | undefined,
+  trust: readonly X509Certificate[],
+): FailureReason {
+  const reason = failureReason(code);
+  if (reason === "crl_missing" && cert && !chainToCa(cert, [], trust)) return "unknown_ca";
+  return reason;
+}
+
+/**
  * The TLS state of an inbound connection once its handshake is done. The server runs with
  * rejectUnauthorized: false so that the reason is known (with `true`, OpenSSL aborts and Node
  * reports a bare reset); this function is where the refusal is decided instead.
  */
-export function classifyInbound(socket: TLSSocket, verifyClient: boolean): PeerTls {
+export function classifyInbound(socket: TLSSocket, verifyClient: boolean, trust: readonly X509Certificate[]): PeerTls {
   const version = socket.getProtocol() ?? "unknown";
   const cipher = socket.getCipher()?.standardName ?? "unknown";
   const resumed = socket.isSessionReused();
@@ -73,7 +90,7 @@ export function classifyInbound(socket: TLSSocket, verifyClient: boolean): PeerT
       ?.slice(3) ?? null;
   if (!socket.authorized) {
     const code = String(socket.authorizationError ?? "UNKNOWN");
-    return { kind: "refused", reason: failureReason(code), detail: code, subject };
+    return { kind: "refused", reason: refusalReason(code, cert, trust), detail: code, subject };
   }
   return { kind: "verified", peer: cachedPeerIdentity(cert), version, cipher, resumed };
 }

@@ -1,0 +1,85 @@
+// Invariant 5: the outbound listener binds to loopback by default and the forward proxy reaches
+// only `destinations`: anything else gets 403 before a connection is opened.
+import net from "node:net";
+import t from "tap";
+import { parseConfig } from "../config/load.js";
+import { app, pki, sample, sidecar, viaProxy } from "./lib/mesh.js";
+
+t.test("the default listener is loopback, and nothing else is accepted", async (t) => {
+  const c = parseConfig({ service: { name: "gw", dnsName: "gateway.ashchan.local" } });
+  t.same(c.outbound.listen, { host: "127.0.0.1", port: 15001 });
+  t.throws(
+    () =>
+      parseConfig({ service: { name: "gw", dnsName: "gateway.ashchan.local" }, outbound: { listen: "0.0.0.0:15001" } }),
+    /loopback/,
+  );
+  t.throws(
+    () =>
+      parseConfig({ service: { name: "gw", dnsName: "gateway.ashchan.local" }, outbound: { listen: "[::]:15001" } }),
+    /loopback/,
+  );
+});
+
+t.test("only destinations are reached; others get 403 and no connection", async (t) => {
+  const p = await pki(t);
+  const backend = await app(t);
+  const auth = await sidecar(t, p, "auth.ashchan.local", {
+    inbound: { app: backend.url },
+    outbound: { enabled: false },
+  });
+  // A trap: a TCP server that counts connections; the denied destinations resolve to it.
+  let trapped = 0;
+  const trap = net.createServer((s) => {
+    trapped++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => trap.listen(0, "127.0.0.1", r));
+  t.teardown(() => trap.close());
+  const trapAddress = `127.0.0.1:${(trap.address() as net.AddressInfo).port}`;
+  const gw = await sidecar(t, p, "gateway.ashchan.local", {
+    inbound: { enabled: false },
+    outbound: {
+      destinations: ["auth.ashchan.local"],
+      resolve: {
+        "auth.ashchan.local": `127.0.0.1:${auth.inboundPort}`,
+        "boards.ashchan.local": trapAddress,
+        "example.com": trapAddress,
+      },
+    },
+  });
+  const ok = await viaProxy(gw.outboundPort, "http://auth.ashchan.local/api/v1/verify");
+  t.equal(ok.status, 200);
+
+  for (const url of [
+    "http://boards.ashchan.local/api/v1/posts",
+    "http://example.com/",
+    "http://127.0.0.1:9/",
+    "http://AUTH.ashchan.local.evil.com/",
+  ]) {
+    const res = await viaProxy(gw.outboundPort, url);
+    t.equal(res.status, 403, url);
+    t.equal(res.headers["x-ashmesh-error"], "destination_not_allowed");
+    t.match(JSON.parse(res.body).message, /is not in outbound\.destinations \(auth\.ashchan\.local\)/);
+  }
+  t.equal(trapped, 0, "no connection was opened for a denied destination");
+  t.equal(sample(await gw.metrics(), "mtls_handshake_total", { direction: "outbound", result: "ok" }), 1);
+  t.equal(gw.logs.events("destination_denied").length, 4);
+});
+
+t.test("CONNECT and https:// targets are refused with a reason", async (t) => {
+  const p = await pki(t);
+  const gw = await sidecar(t, p, "gateway.ashchan.local", { inbound: { enabled: false } });
+  const reply = await new Promise<string>((resolve) => {
+    const s = net.connect(gw.outboundPort, "127.0.0.1", () =>
+      s.write("CONNECT auth.ashchan.local:8443 HTTP/1.1\r\nhost: auth.ashchan.local:8443\r\n\r\n"),
+    );
+    let data = "";
+    s.on("data", (d) => (data += d));
+    s.on("close", () => resolve(data));
+  });
+  t.match(reply, /^HTTP\/1\.1 405 /);
+  t.match(reply, /CONNECT is not supported/);
+  const https = await viaProxy(gw.outboundPort, "https://auth.ashchan.local/");
+  t.equal(https.status, 400);
+  t.match(https.body, /call the service over http:\/\//);
+});

@@ -1,0 +1,59 @@
+// `ashmesh up --once` (what `npm start` runs, without --once): the seed's post flow crosses the
+// six services, and every hop shows the identity each end verified.
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import t from "tap";
+
+function up(dir: string): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(
+      process.execPath,
+      ["--import", "tsx", "bin/ashmesh.ts", "up", "--once", "--dir", join(dir, "pki")],
+      {
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
+    let out = "";
+    let err = "";
+    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
+    child.stdout.on("data", (d) => (out += d));
+    child.stderr.on("data", (d) => (err += d));
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ code, out, err });
+    });
+  });
+}
+
+t.test("the post crosses gateway, auth, boards, media, moderation and search", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), "ashmesh-up-"));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const first = await up(dir);
+  t.equal(first.code, 0, first.err);
+  t.match(first.out, /creating a development CA/);
+  const hops = [
+    ["gateway", "auth", "POST /api/v1/verify"],
+    ["gateway", "boards", "POST /api/v1/posts"],
+    ["boards", "media", "GET /api/v1/media/abc123"],
+    ["boards", "moderation", "POST /api/v1/score"],
+    ["boards", "search", "POST /api/v1/index"],
+  ];
+  for (const [from, to, call] of hops) {
+    const line = new RegExp(`✔ ${from}\\.ashchan\\.local → ${to}\\.ashchan\\.local  ${call}  200`);
+    t.match(first.out, line, `${from} → ${to}`);
+    t.match(first.out, new RegExp(`client cert seen by ${to}\\.ashchan\\.local: ${from}\\.ashchan\\.local`));
+    t.match(
+      first.out,
+      new RegExp(`server cert verified by ${from}\\.ashchan\\.local's sidecar: ${to}\\.ashchan\\.local`),
+    );
+  }
+  t.match(first.out, /TLSv1\.3, TLS_AES_256_GCM_SHA384/);
+  t.match(first.out, /✔ the post crossed the mesh/);
+  t.match(first.out, /http:\/\/127\.0\.10\.1:9901\/metrics/);
+
+  const second = await up(dir);
+  t.equal(second.code, 0, "a second start reuses the CA and certificates");
+  t.notMatch(second.out, /creating a development CA|issuing a certificate/);
+});
