@@ -3,33 +3,21 @@
 // configured destinations, and on port-mapped listeners fixed to one upstream each. It binds to
 // loopback only, presents our client certificate, and accepts a server only when its certificate
 // names the identity the request was meant for (and matches the pin, when one is set).
-import { createHash, type X509Certificate } from "node:crypto";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { type AddressInfo, isIP, type Socket } from "node:net";
-import type { SecureContext, TLSSocket } from "node:tls";
-import { buildConnector, Pool } from "undici";
+import type { SecureContext } from "node:tls";
+import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
 import { parseHostPort } from "../config/schema.js";
+import { mtlsConnector, type Upstream } from "./connector.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { ProxyError, sendError } from "./errors.js";
 import { forward, forwardRequestHeaders } from "./forward.js";
 import type { Identity, IdentityChange } from "./identity.js";
 import type { Logger } from "./log.js";
 import type { Metrics, RequestRecorder } from "./metrics.js";
-import { compileMatcher, type IdentityMatcher, matchesName, parseSubjectAltName, rfc2253 } from "./policy.js";
-import { clientSecureContext, failureReason, isTlsFailure, refusalReason } from "./tls.js";
-
-/** Where requests for one logical peer go, and what its certificate must say. */
-interface Upstream {
-  /** The identity the server's certificate must carry (a DNS or URI SAN). */
-  identity: string;
-  /** Where to connect: the peer's name, or a `resolve` override. */
-  host: string;
-  port: number;
-  pin: string | null;
-  /** "auth.ashchan.local:8443", for messages and the edges list. */
-  label: string;
-}
+import { compileMatcher, type IdentityMatcher, matchesName } from "./policy.js";
+import { clientSecureContext, failureReason, isTlsFailure } from "./tls.js";
 
 interface Route {
   upstream: Upstream;
@@ -51,48 +39,6 @@ export interface OutboundDeps {
   metrics: Metrics;
   logger: Logger;
   edges: Edges;
-}
-
-/**
- * Decides whether a server that completed its handshake is the one the request is meant for:
- * the chain verified (against our CA bundle and CRL), an exact DNS or URI SAN equal to the
- * expected identity (never a wildcard), and the SPKI pin when one is set. Returns the refusal
- * as an error whose code feeds the failure reason, or null.
- */
-export function verifyServer(socket: TLSSocket, upstream: Upstream, trust: readonly X509Certificate[]): Error | null {
-  const cert = socket.getPeerX509Certificate();
-  const refuse = (code: string, message: string) => Object.assign(new Error(message), { code });
-  if (!cert) return refuse("ASHMESH_PEER_NO_CERT", `${upstream.label} presented no certificate`);
-  if (!socket.authorized) {
-    const code = String(socket.authorizationError ?? "UNKNOWN");
-    const reason = refusalReason(code, cert, trust);
-    return refuse(
-      reason === "unknown_ca" ? "ASHMESH_PEER_UNKNOWN_CA" : code,
-      `${upstream.label}: the server certificate did not verify: ${reason} (${code})`,
-    );
-  }
-  const names = parseSubjectAltName(cert.subjectAltName).filter((n) => n.type === "DNS" || n.type === "URI");
-  const match = names.some((n) =>
-    n.type === "DNS" ? n.value.toLowerCase() === upstream.identity : n.value === upstream.identity,
-  );
-  if (!match) {
-    const presented = names.map((n) => n.value).join(", ") || rfc2253(cert.subject);
-    return refuse(
-      "ASHMESH_PEER_IDENTITY",
-      `${upstream.label} presented a certificate for ${presented}, not for ${upstream.identity}`,
-    );
-  }
-  if (upstream.pin) {
-    const spki = cert.publicKey.export({ type: "spki", format: "der" });
-    const pin = createHash("sha256").update(spki).digest("base64");
-    if (pin !== upstream.pin.replace(/^sha256\/\/?/, "")) {
-      return refuse(
-        "ASHMESH_PEER_PIN",
-        `${upstream.label} presented a key whose SPKI pin sha256//${pin} is not the configured pin`,
-      );
-    }
-  }
-  return null;
 }
 
 /** "http://host:port/p?q" → "/p?q". */
@@ -219,20 +165,33 @@ export class Outbound {
   private createPool(upstream: Upstream, context: SecureContext, edge: EdgeCounter): Pool {
     const { limits } = this.deps.config;
     const { metrics, logger } = this.deps;
-    const base = buildConnector({
-      secureContext: context,
-      // verifyServer decides (below), so that a refusal carries its real reason and the names seen.
-      rejectUnauthorized: false,
-      checkServerIdentity: () => undefined,
-      maxCachedSessions: 100,
-      timeout: 5_000,
-      noDelay: true,
-    } as buildConnector.BuildOptions);
-    const connect: buildConnector.connector = (options, callback) => {
-      const started = performance.now();
-      const fail = (err: Error) => {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (isTlsFailure(code)) {
+    const identity = this.identity;
+    const connect = mtlsConnector(
+      upstream,
+      context,
+      identity.ca.certs,
+      {
+        connected: (socket, seconds) => {
+          metrics.handshakeOk("outbound", seconds);
+          metrics.openConnections.inc({ direction: "outbound" });
+          socket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
+          const version = socket.getProtocol() ?? "unknown";
+          const cipher = socket.getCipher()?.standardName ?? "unknown";
+          edge.tls(version, cipher);
+          logger.info({
+            event: "mtls_handshake_complete",
+            client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
+            server_cn: upstream.identity,
+            tls_version: version,
+            cipher_suite: cipher,
+            direction: "outbound",
+            remote_addr: `${upstream.host}:${upstream.port}`,
+            resumed: socket.isSessionReused(),
+          });
+        },
+        failed: (err) => {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (!isTlsFailure(code)) return; // TCP and DNS failures are not handshakes
           const reason = failureReason(code);
           metrics.handshakeFailed("outbound", reason);
           logger.warn({
@@ -243,43 +202,10 @@ export class Outbound {
             remote_addr: `${upstream.host}:${upstream.port}`,
             server_identity: upstream.identity,
           });
-        }
-        callback(err, null);
-      };
-      base(
-        // The name is the identity (SNI, session cache); the address may be a resolve override.
-        { ...options, hostname: upstream.host, port: String(upstream.port), servername: upstream.identity },
-        (err, socket) => {
-          if (err) return fail(err);
-          const tlsSocket = socket as TLSSocket;
-          const refusal = verifyServer(tlsSocket, upstream, this.identity.ca.certs);
-          if (refusal) {
-            tlsSocket.destroy();
-            return fail(refusal);
-          }
-          metrics.handshakeOk("outbound", (performance.now() - started) / 1000);
-          edge.tls(tlsSocket.getProtocol() ?? "unknown", tlsSocket.getCipher()?.standardName ?? "unknown");
-          metrics.openConnections.inc({ direction: "outbound" });
-          tlsSocket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
-          const cert: X509Certificate | undefined = tlsSocket.getPeerX509Certificate?.();
-          logger.info({
-            event: "mtls_handshake_complete",
-            client_cn: this.identity.client.peer.commonName ?? this.identity.client.summary.identity,
-            server_cn:
-              cert?.subject
-                .split("\n")
-                .find((l) => l.startsWith("CN="))
-                ?.slice(3) ?? upstream.identity,
-            tls_version: tlsSocket.getProtocol(),
-            cipher_suite: tlsSocket.getCipher()?.standardName,
-            direction: "outbound",
-            remote_addr: `${upstream.host}:${upstream.port}`,
-            resumed: tlsSocket.isSessionReused(),
-          });
-          callback(null, socket);
         },
-      );
-    };
+      },
+      5_000,
+    );
     return new Pool(`https://${upstream.identity}:${upstream.port}`, {
       connect,
       connections: limits.upstreamConnections,
