@@ -400,6 +400,7 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
   private debounce: NodeJS.Timeout | null = null;
   private reloading: Promise<boolean> | null = null;
   private again = false;
+  private closed = false;
   lastReload: { at: Date; result: "ok" | "failed" | "unchanged"; trigger: string; error?: string } | null = null;
 
   constructor(
@@ -407,31 +408,40 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
     private readonly paths: IdentityPaths,
     private readonly dnsName: string,
     private readonly debounceMs = 75,
+    private readonly settleMs = 400,
   ) {
     super();
   }
 
-  /** Loads and validates again; swaps only when the files changed and validate. */
-  reload(trigger: string): Promise<boolean> {
+  /**
+   * Loads and validates again; swaps only when the files changed and validate. With `settle`
+   * (file events), a failure is retried once after settleMs before it is reported: a certificate
+   * and its key replaced by two renames are briefly a mismatched pair, and that is not a failure.
+   */
+  reload(trigger: string, options: { settle?: boolean } = {}): Promise<boolean> {
     if (this.reloading) {
       this.again = true;
       return this.reloading;
     }
-    this.reloading = this.reloadOnce(trigger).finally(() => {
+    this.reloading = this.reloadOnce(trigger, options.settle ?? false).finally(() => {
       this.reloading = null;
       if (this.again) {
         this.again = false;
-        void this.reload(trigger);
+        void this.reload(trigger, options);
       }
     });
     return this.reloading;
   }
 
-  private async reloadOnce(trigger: string): Promise<boolean> {
+  private async reloadOnce(trigger: string, settle: boolean): Promise<boolean> {
     let next: Identity;
     try {
       next = await loadIdentity(this.paths, { dnsName: this.dnsName, version: this.current.version + 1 });
     } catch (err) {
+      if (settle && !this.closed) {
+        await new Promise((resolve) => setTimeout(resolve, this.settleMs));
+        return this.reloadOnce(trigger, false);
+      }
       this.lastReload = { at: new Date(), result: "failed", trigger, error: (err as Error).message };
       this.emit("failed", err as Error, trigger);
       return false;
@@ -472,11 +482,12 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
     if (this.debounce) clearTimeout(this.debounce);
     this.debounce = setTimeout(() => {
       this.debounce = null;
-      void this.reload(trigger);
+      void this.reload(trigger, { settle: true });
     }, this.debounceMs);
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     if (this.debounce) clearTimeout(this.debounce);
     await this.watcher?.close();
     this.watcher = null;
