@@ -163,13 +163,13 @@ function checkLeaf(
   role: "server" | "client",
   paths: { cert: string; key: string },
   fields: { cert: IdentityField; key: IdentityField },
+  pems: { certPem: Buffer; keyPem: Buffer },
   bundle: readonly X509Certificate[],
   dnsName: string,
   now: Date,
   warnings: string[],
 ): Leaf {
-  const certPem = readFile(fields.cert, paths.cert);
-  const keyPem = readFile(fields.key, paths.key);
+  const { certPem, keyPem } = pems;
   const chain = parseCertificates(fields.cert, paths.cert, certPem);
   const leaf = chain[0] as X509Certificate;
   const key = parseKey(fields.key, paths.key, keyPem);
@@ -285,14 +285,24 @@ export function isRevoked(identity: Identity, serial: string): boolean {
   return identity.crl.lists.some((l) => l.revoked.has(normalized));
 }
 
-/** Reads and validates every file; throws an IdentityError naming the field and file. */
+/** PEM material already in use, validated again instead of read from the files. */
+export interface Reuse {
+  trust?: { caPem: Buffer; crlPem: Buffer | null };
+  leaves?: { server: { certPem: Buffer; keyPem: Buffer }; client: { certPem: Buffer; keyPem: Buffer } };
+}
+
+/**
+ * Reads and validates every file (or reuses material in use, see Reuse); throws an
+ * IdentityError naming the field and file at fault.
+ */
 export async function loadIdentity(
   paths: IdentityPaths,
-  options: { dnsName: string; now?: Date; version?: number },
+  options: { dnsName: string; now?: Date; version?: number; reuse?: Reuse },
 ): Promise<Identity> {
   const now = options.now ?? new Date();
   const warnings: string[] = [];
-  const caPem = readFile("tls.ca", paths.ca);
+  const reuse = options.reuse ?? {};
+  const caPem = reuse.trust?.caPem ?? readFile("tls.ca", paths.ca);
   const caCerts = parseCertificates("tls.ca", paths.ca, caPem);
   for (const ca of caCerts) {
     if (!ca.ca) {
@@ -302,22 +312,31 @@ export async function loadIdentity(
       warnings.push(`tls.ca (${paths.ca}): CA "${rfc2253(ca.subject)}" expired on ${ca.validTo}`);
     }
   }
+  const sameClient = paths.clientCert === paths.cert && paths.clientKey === paths.key;
+  const serverPems = reuse.leaves?.server ?? {
+    certPem: readFile("tls.cert", paths.cert),
+    keyPem: readFile("tls.key", paths.key),
+  };
   const server = checkLeaf(
     "server",
     paths,
     { cert: "tls.cert", key: "tls.key" },
+    serverPems,
     caCerts,
     options.dnsName,
     now,
     warnings,
   );
-  const sameClient = paths.clientCert === paths.cert && paths.clientKey === paths.key;
   const client = sameClient
     ? server
     : checkLeaf(
         "client",
         { cert: paths.clientCert, key: paths.clientKey },
         { cert: "tls.clientCert", key: "tls.clientKey" },
+        reuse.leaves?.client ?? {
+          certPem: readFile("tls.clientCert", paths.clientCert),
+          keyPem: readFile("tls.clientKey", paths.clientKey),
+        },
         caCerts,
         options.dnsName,
         now,
@@ -338,8 +357,8 @@ export async function loadIdentity(
 
   let crl: Identity["crl"] = null;
   if (paths.crl) {
-    const pem = readFile("tls.crl", paths.crl);
-    crl = { pem, lists: await parseCrls(paths.crl, pem, caCerts, now) };
+    const pem = reuse.trust ? reuse.trust.crlPem : readFile("tls.crl", paths.crl);
+    if (pem) crl = { pem, lists: await parseCrls(paths.crl, pem, caCerts, now) };
   }
   const trustHash = createHash("sha256")
     .update(caPem)
@@ -356,10 +375,12 @@ export async function loadIdentity(
     trustHash,
     warnings,
   };
-  for (const [role, leaf] of [
-    ["server", server],
-    ["client", client],
-  ] as const) {
+  for (const [role, leaf] of sameClient
+    ? ([["server", server]] as const)
+    : ([
+        ["server", server],
+        ["client", client],
+      ] as const)) {
     if (isRevoked(identity, leaf.summary.serial)) {
       warnings.push(
         `our own ${role} certificate (serial ${leaf.summary.serial}) is revoked by the CRL: peers will refuse it`,
@@ -368,6 +389,8 @@ export async function loadIdentity(
   }
   return identity;
 }
+
+const LEAF_FIELDS = new Set<IdentityField>(["tls.cert", "tls.key", "tls.clientCert", "tls.clientKey"]);
 
 /** Every file the identity depends on, for the watcher. */
 export function identityFiles(paths: IdentityPaths): string[] {
@@ -379,6 +402,8 @@ export function identityFiles(paths: IdentityPaths): string[] {
 }
 
 export interface IdentityChange {
+  /** What caused the reload: "SIGHUP", "file server.crt", ... */
+  trigger: string;
   previous: Identity;
   next: Identity;
   trustChanged: boolean;
@@ -434,9 +459,11 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
   }
 
   private async reloadOnce(trigger: string, settle: boolean): Promise<boolean> {
-    let next: Identity;
     try {
-      next = await loadIdentity(this.paths, { dnsName: this.dnsName, version: this.current.version + 1 });
+      const next = await loadIdentity(this.paths, { dnsName: this.dnsName, version: this.current.version + 1 });
+      const changed = this.apply(next, trigger);
+      this.lastReload = { at: new Date(), result: changed ? "ok" : "unchanged", trigger };
+      return changed;
     } catch (err) {
       if (settle && !this.closed) {
         await new Promise((resolve) => setTimeout(resolve, this.settleMs));
@@ -444,21 +471,42 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
       }
       this.lastReload = { at: new Date(), result: "failed", trigger, error: (err as Error).message };
       this.emit("failed", err as Error, trigger);
+      return err instanceof IdentityError ? this.applyOtherPart(err, trigger) : false;
+    }
+  }
+
+  /**
+   * One broken part must not hold the other back: a broken certificate must not delay a new CRL
+   * (revocation), a broken CRL must not delay a rotated certificate. The part at fault stays as
+   * it is in use; the other is taken if it validates with it.
+   */
+  private async applyOtherPart(err: IdentityError, trigger: string): Promise<boolean> {
+    const current = this.current;
+    const reuse: Reuse = LEAF_FIELDS.has(err.field)
+      ? { leaves: { server: current.server, client: current.client } }
+      : { trust: { caPem: current.ca.pem, crlPem: current.crl?.pem ?? null } };
+    try {
+      const next = await loadIdentity(this.paths, { dnsName: this.dnsName, version: current.version + 1, reuse });
+      return this.apply(
+        next,
+        `${trigger} (${LEAF_FIELDS.has(err.field) ? "CA bundle and CRL only" : "certificates only"})`,
+      );
+    } catch {
       return false;
     }
+  }
+
+  /** Takes `next` into use when it differs from the identity in use. */
+  private apply(next: Identity, trigger: string): boolean {
     const previous = this.current;
     const serverChanged =
       !next.server.certPem.equals(previous.server.certPem) || !next.server.keyPem.equals(previous.server.keyPem);
     const clientChanged =
       !next.client.certPem.equals(previous.client.certPem) || !next.client.keyPem.equals(previous.client.keyPem);
     const trustChanged = next.trustHash !== previous.trustHash;
-    if (!serverChanged && !clientChanged && !trustChanged) {
-      this.lastReload = { at: new Date(), result: "unchanged", trigger };
-      return false;
-    }
+    if (!serverChanged && !clientChanged && !trustChanged) return false;
     this.current = next;
-    this.lastReload = { at: next.loadedAt, result: "ok", trigger };
-    this.emit("change", { previous, next, trustChanged, serverChanged, clientChanged });
+    this.emit("change", { trigger, previous, next, trustChanged, serverChanged, clientChanged });
     return true;
   }
 

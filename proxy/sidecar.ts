@@ -76,7 +76,7 @@ export class Sidecar {
       const s = change.next.server.summary;
       this.logger.info({
         event: "cert_reloaded",
-        trigger: this.identity.lastReload?.trigger,
+        trigger: change.trigger,
         serial: s.serial,
         not_after: s.notAfter.toISOString(),
         server_changed: change.serverChanged,
