@@ -25,6 +25,8 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   proxy: async () => (await import("./proxy.js")).main,
   up: async () => (await import("./up.js")).main,
   certs: async () => (await import("./certs.js")).main,
+  check: async () => (await import("./check.js")).main,
+  edges: async () => (await import("./edges.js")).main,
 };
 
 function version(): string {

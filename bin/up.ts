@@ -11,6 +11,7 @@ import { DevCa } from "../certs-dev/store.js";
 import { type HopReport, startStandinApp } from "../compose/standin.js";
 import { parseConfig } from "../config/load.js";
 import { loadMesh, localSidecarInput, type Mesh, service } from "../config/mesh.js";
+import type { ConfigInput } from "../config/schema.js";
 import { createLogger } from "../proxy/log.js";
 import { Sidecar } from "../proxy/sidecar.js";
 import { parse } from "./cli.js";
@@ -93,6 +94,67 @@ async function sendEntry(mesh: Mesh): Promise<{ status: number; report: HopRepor
   }
 }
 
+export interface LocalMesh {
+  sidecars: Map<string, Sidecar>;
+  /** Drains every sidecar, then stops the apps. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a sidecar and a stand-in app for every service, each on its own loopback address.
+ * `adjust` may change one sidecar's configuration input (tests use it to break one on purpose).
+ */
+export async function startLocalMesh(
+  mesh: Mesh,
+  dir: string,
+  options: { logDir: string; adjust?: (key: string, input: ConfigInput) => ConfigInput },
+): Promise<LocalMesh> {
+  const sidecars = new Map<string, Sidecar>();
+  const apps: http.Server[] = [];
+  const stop = async () => {
+    await Promise.allSettled([...sidecars.values()].map((s) => s.drain()));
+    for (const a of apps) {
+      a.closeAllConnections();
+      a.close();
+    }
+  };
+  try {
+    for (const [i, s] of mesh.services.entries()) {
+      const input = localSidecarInput(mesh, s.key, dir);
+      const config = parseConfig(options.adjust ? options.adjust(s.key, input) : input, {
+        source: `${mesh.file} (${s.key})`,
+      });
+      const logger = createLogger({
+        service: s.serviceName,
+        level: config.log.level,
+        destination: createWriteStream(join(options.logDir, `${s.key}.log`), { flags: "a" }),
+      });
+      const sidecar = await Sidecar.create(config, { logger, processMetrics: i === 0 });
+      sidecars.set(s.key, sidecar);
+      await sidecar.start();
+      const { server } = await startStandinApp({
+        mesh,
+        key: s.key,
+        proxy: `http://${s.local}:${mesh.ports.outbound}`,
+        host: s.local,
+        port: s.appPort,
+      });
+      apps.push(server);
+    }
+  } catch (err) {
+    await stop();
+    const e = err as NodeJS.ErrnoException & { address?: string; port?: number };
+    if (e.code === "EADDRINUSE") {
+      throw new Error(`${e.address}:${e.port} is in use: is another \`ashmesh up\` running? Stop it first`);
+    }
+    if (e.code === "EADDRNOTAVAIL") {
+      throw new Error(`cannot bind ${e.address}: this host does not route all of 127.0.0.0/8 to loopback`);
+    }
+    throw err;
+  }
+  return { sidecars, stop };
+}
+
 export async function main(argv: string[]): Promise<number> {
   const { values } = parse({
     args: argv,
@@ -115,46 +177,7 @@ export async function main(argv: string[]): Promise<number> {
   mkdirSync(logDir, { recursive: true });
   await ensurePki(mesh, dir, say);
 
-  const sidecars = new Map<string, Sidecar>();
-  const apps: http.Server[] = [];
-  const stopAll = async () => {
-    await Promise.allSettled([...sidecars.values()].map((s) => s.drain()));
-    for (const a of apps) {
-      a.closeAllConnections();
-      a.close();
-    }
-  };
-  try {
-    for (const [i, s] of mesh.services.entries()) {
-      const config = parseConfig(localSidecarInput(mesh, s.key, dir), { source: `${mesh.file} (${s.key})` });
-      const logger = createLogger({
-        service: s.serviceName,
-        level: config.log.level,
-        destination: createWriteStream(join(logDir, `${s.key}.log`), { flags: "a" }),
-      });
-      const sidecar = await Sidecar.create(config, { logger, processMetrics: i === 0 });
-      sidecars.set(s.key, sidecar);
-      await sidecar.start();
-      const { server } = await startStandinApp({
-        mesh,
-        key: s.key,
-        proxy: `http://${s.local}:${mesh.ports.outbound}`,
-        host: s.local,
-        port: s.appPort,
-      });
-      apps.push(server);
-    }
-  } catch (err) {
-    await stopAll();
-    const e = err as NodeJS.ErrnoException & { address?: string; port?: number };
-    if (e.code === "EADDRINUSE") {
-      throw new Error(`${e.address}:${e.port} is in use: is another \`ashmesh up\` running? Stop it first`);
-    }
-    if (e.code === "EADDRNOTAVAIL") {
-      throw new Error(`cannot bind ${e.address}: this host does not route all of 127.0.0.0/8 to loopback`);
-    }
-    throw err;
-  }
+  const { sidecars, stop: stopAll } = await startLocalMesh(mesh, dir, { logDir });
   say(`\n${mesh.services.length} services up, each with its sidecar (logs in ${logDir}/)\n`);
 
   const entry = service(mesh, mesh.entry.service);

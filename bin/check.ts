@@ -1,0 +1,355 @@
+// `ashmesh check`, in the spirit of `linkerd check` and the seed's verify-mesh.sh: one ✔ or ×
+// line per check, a hint under each ×, exit 1 when any check failed.
+//   --config FILE   one sidecar's configuration and files
+//   --mesh FILE     every edge of a running mesh, over the network, with the dev CA's certificates
+import { createPrivateKey } from "node:crypto";
+import { readFileSync, statSync } from "node:fs";
+import tls from "node:tls";
+import { DEFAULT_PKI_DIR, DevCa } from "../certs-dev/store.js";
+import { ConfigError, loadConfig } from "../config/load.js";
+import { edges, loadMesh, type Mesh, type MeshService } from "../config/mesh.js";
+import type { Config } from "../config/schema.js";
+import { crlIssuer, parseCrl } from "../proxy/crl.js";
+import { chainToCa, IdentityError, parseCertificates, summarize } from "../proxy/identity.js";
+import { parse, UsageError } from "./cli.js";
+import { defaultMeshFile } from "./up.js";
+
+const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files
+ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
+                                          check every edge of a running mesh
+
+--mesh connects to every service's inbound as each of its callers (certificates from the dev CA
+in DIR, default ${DEFAULT_PKI_DIR}), checks the server's identity, that the caller is allowed, that a
+service that is not a caller is refused, and that a client without a certificate is refused.
+--addresses local (default) uses the mesh file's loopback addresses (\`ashmesh up\`); dns uses
+the services' DNS names (inside the Podman network).`;
+
+interface Line {
+  ok: boolean;
+  text: string;
+  hint?: string;
+}
+
+class Report {
+  readonly lines: Array<Line | { section: string }> = [];
+  section(name: string): void {
+    this.lines.push({ section: name });
+  }
+  ok(text: string): void {
+    this.lines.push({ ok: true, text });
+  }
+  fail(text: string, hint?: string): void {
+    this.lines.push({ ok: false, text, ...(hint ? { hint } : {}) });
+  }
+  get failed(): number {
+    return this.lines.filter((l) => "ok" in l && !l.ok).length;
+  }
+  print(out: (s: string) => void): void {
+    for (const line of this.lines) {
+      if ("section" in line) out(`\n${line.section}\n${"-".repeat(line.section.length)}`);
+      else out(`${line.ok ? "√" : "×"} ${line.text}${line.hint ? `\n    see: ${line.hint}` : ""}`);
+    }
+    const checks = this.lines.filter((l) => "ok" in l).length;
+    out(
+      `\n${this.failed === 0 ? "Status check results are √" : `Status check results are × (${this.failed} of ${checks} failed)`}`,
+    );
+  }
+}
+
+const DAY_MS = 86_400_000;
+
+/** Runs fn; an exception is a failed check with its message. */
+function attempt<T>(report: Report, label: string, fn: () => T, hint?: string): T | undefined {
+  try {
+    return fn();
+  } catch (err) {
+    report.fail(`${label}: ${err instanceof IdentityError ? err.reason : (err as Error).message}`, hint);
+    return undefined;
+  }
+}
+
+async function checkConfig(file: string, report: Report): Promise<void> {
+  report.section("configuration");
+  let config: Config;
+  try {
+    config = loadConfig({ file, env: process.env });
+    report.ok(`configuration is valid (${file})`);
+  } catch (err) {
+    report.fail(
+      err instanceof ConfigError ? err.message.replace(/\n\s*/g, "; ") : (err as Error).message,
+      "README § Configuration",
+    );
+    return;
+  }
+  if (!config.inbound.verifyClient)
+    report.fail(
+      "inbound.verifyClient is false: clients without a certificate are accepted",
+      "set MTLS_VERIFY_CLIENT=true once every caller has a certificate",
+    );
+  else report.ok("inbound requires client certificates");
+  if (config.tls.minVersion === "TLSv1.3") report.ok("TLS 1.3 only");
+  else report.fail(`tls.minVersion is ${config.tls.minVersion}`, "the seed asks for TLS 1.3 everywhere");
+  if (config.inbound.allow === undefined)
+    report.fail("inbound.allow is not set: any identity the mesh CA signed may call", "list the callers (MTLS_ALLOW)");
+  else report.ok(`allow-list: ${config.inbound.allow.join(", ") || "nobody"}`);
+
+  const t = config.tls;
+  report.section("identity files");
+  const caCerts = attempt(report, `tls.ca (${t.ca})`, () => parseCertificates("tls.ca", t.ca, readable(t.ca)));
+  if (caCerts) report.ok(`tls.ca: ${caCerts.map((c) => summarize(c).subject).join(" + ")}`);
+  const leaves: Array<[string, string, string, "serverAuth" | "clientAuth"]> = [
+    [t.cert, t.key, "tls.cert", "serverAuth"],
+  ];
+  if (t.clientCert !== t.cert || t.clientKey !== t.key)
+    leaves.push([t.clientCert, t.clientKey, "tls.clientCert", "clientAuth"]);
+  for (const [certFile, keyFile, field, eku] of leaves) {
+    const chain = attempt(report, `${field} (${certFile})`, () =>
+      parseCertificates("tls.cert", certFile, readable(certFile)),
+    );
+    if (!chain?.[0]) continue;
+    const leaf = chain[0];
+    const s = summarize(leaf);
+    report.ok(`${field} readable: ${s.subject}, serial ${s.serial}`);
+    const key = attempt(
+      report,
+      `key ${keyFile}`,
+      () => createPrivateKey(readable(keyFile)),
+      "the key must be PEM, unencrypted",
+    );
+    if (key) {
+      const mode = statSync(keyFile).mode & 0o777;
+      if (mode & 0o077)
+        report.fail(`key ${keyFile} has mode ${mode.toString(8).padStart(4, "0")}`, `chmod 600 ${keyFile}`);
+      else report.ok(`key ${keyFile} is private (mode ${mode.toString(8).padStart(4, "0")})`);
+      if (leaf.checkPrivateKey(key)) report.ok("key matches the certificate");
+      else report.fail(`key ${keyFile} does not match ${certFile}`, "reissue, or point tls.key at the right file");
+    }
+    if (caCerts) {
+      if (chainToCa(leaf, chain.slice(1), caCerts)) report.ok("certificate chains to a CA in tls.ca");
+      else report.fail(`certificate issuer ${s.issuer} is not in tls.ca`, "openssl verify -CAfile <tls.ca> <cert>");
+    }
+    const days = Math.floor((s.notAfter.getTime() - Date.now()) / DAY_MS);
+    if (Date.now() < s.notBefore.getTime()) report.fail(`certificate not valid before ${s.notBefore.toISOString()}`);
+    else if (days < 0) report.fail(`certificate expired on ${s.notAfter.toISOString()}`, "ashmesh certs renew");
+    else if (days < 30)
+      report.fail(
+        `certificate expires in ${days} days (${s.notAfter.toISOString().slice(0, 10)})`,
+        "ashmesh certs renew",
+      );
+    else report.ok(`certificate valid until ${s.notAfter.toISOString().slice(0, 10)} (${days} days)`);
+    if (s.dns.includes(config.service.dnsName.toLowerCase()))
+      report.ok(`SAN includes service.dnsName ${config.service.dnsName}`);
+    else
+      report.fail(
+        `no DNS SAN ${config.service.dnsName} (SANs: ${[...s.dns, ...s.uris].join(", ") || "none"})`,
+        `ashmesh certs issue ${config.service.dnsName}`,
+      );
+    const ekus = leaf.keyUsage ?? [];
+    const wanted = field === "tls.cert" && leaves.length === 1 ? ["serverAuth", "clientAuth"] : [eku];
+    const oid = { serverAuth: "1.3.6.1.5.5.7.3.1", clientAuth: "1.3.6.1.5.5.7.3.2" } as const;
+    const missing = wanted.filter((w) => ekus.length > 0 && !ekus.includes(oid[w as keyof typeof oid]));
+    if (missing.length === 0) report.ok(`EKU allows ${wanted.join(" and ")}`);
+    else report.fail(`EKU lacks ${missing.join(" and ")}`, "reissue with extendedKeyUsage=serverAuth,clientAuth");
+  }
+
+  if (t.crl) {
+    report.section("revocation");
+    const crlFile = t.crl;
+    const pem = attempt(report, `tls.crl (${crlFile})`, () => readable(crlFile));
+    if (pem && caCerts) {
+      const blocks = pem.toString("latin1").match(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g) ?? [];
+      if (blocks.length === 0) report.fail(`tls.crl (${crlFile}) holds no PEM "X509 CRL" block`);
+      for (const block of blocks) {
+        const crl = await parseCrl(block);
+        const issuer = await crlIssuer(crl, caCerts);
+        if (!issuer) {
+          report.fail(`CRL of ${crl.issuer} is not signed by a CA in tls.ca`);
+          continue;
+        }
+        const days = crl.nextUpdate ? (crl.nextUpdate.getTime() - Date.now()) / DAY_MS : Number.POSITIVE_INFINITY;
+        if (days < 0)
+          report.fail(
+            `CRL of ${summarize(issuer).subject} is past its nextUpdate (${crl.nextUpdate?.toISOString()}): every peer of this CA is refused`,
+            "ashmesh certs renew (re-signs the CRL)",
+          );
+        else if (days < 2)
+          report.fail(`CRL of ${summarize(issuer).subject} expires in ${days.toFixed(1)} days`, "ashmesh certs renew");
+        else
+          report.ok(
+            `CRL of ${summarize(issuer).subject} is fresh (next update in ${Math.floor(days)} days, ${crl.revoked.size} revoked)`,
+          );
+      }
+    }
+  }
+}
+
+function readable(file: string): Buffer {
+  return readFileSync(file);
+}
+
+/** Connects to host:port with optional credentials, sends one request, reads the answer head. */
+function probe(
+  host: string,
+  port: number,
+  servername: string,
+  credentials: { cert: Buffer; key: Buffer } | null,
+  ca: Buffer,
+  timeoutMs: number,
+): Promise<{
+  handshake: boolean;
+  serverIds: string[];
+  status: number | null;
+  ashmeshError: string | null;
+  error: string | null;
+}> {
+  return new Promise((resolve) => {
+    const result = {
+      handshake: false,
+      serverIds: [] as string[],
+      status: null as number | null,
+      ashmeshError: null as string | null,
+      error: null as string | null,
+    };
+    const socket = tls.connect({ host, port, servername, ca, ...(credentials ?? {}), rejectUnauthorized: false });
+    let data = "";
+    const done = () => {
+      clearTimeout(timer);
+      const head = /^HTTP\/1\.1 (\d{3})/.exec(data);
+      if (head) result.status = Number(head[1]);
+      result.ashmeshError = /\r\nx-ashmesh-error: ([a-z_]+)/i.exec(data)?.[1] ?? null;
+      socket.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => {
+      result.error ??= `no answer within ${timeoutMs} ms`;
+      done();
+    }, timeoutMs);
+    socket.on("secureConnect", () => {
+      result.handshake = true;
+      if (!socket.authorized) result.error = `server certificate did not verify: ${socket.authorizationError}`;
+      const cert = socket.getPeerX509Certificate();
+      if (cert) result.serverIds = [...summarize(cert).dns, ...summarize(cert).uris];
+      socket.write(
+        `GET /health HTTP/1.1\r\nhost: ${servername}\r\nuser-agent: ashmesh-check\r\nconnection: close\r\n\r\n`,
+      );
+    });
+    socket.on("data", (d: Buffer) => {
+      data += d.toString("latin1");
+      if (data.includes("\r\n\r\n")) done();
+    });
+    socket.on("error", (err: NodeJS.ErrnoException) => {
+      result.error ??= err.code ?? err.message;
+    });
+    socket.on("close", done);
+  });
+}
+
+async function checkMesh(
+  mesh: Mesh,
+  dir: string,
+  addresses: "local" | "dns",
+  timeoutMs: number,
+  report: Report,
+): Promise<void> {
+  let ca: DevCa;
+  try {
+    ca = DevCa.open(dir);
+  } catch (err) {
+    report.fail((err as Error).message, "ashmesh certs issue-all --mesh <file>");
+    return;
+  }
+  const trust = readFileSync(DevCa.paths(dir).trustCa);
+  const creds = (s: MeshService) => {
+    const f = ca.identityFiles(s.dnsName);
+    return { cert: readFileSync(f.cert), key: readFileSync(f.key) };
+  };
+  const where = (s: MeshService) => ({ host: addresses === "local" ? s.local : s.dnsName, port: mesh.ports.mtls });
+  const name = (s: MeshService) => `${s.dnsName}:${mesh.ports.mtls}`;
+
+  report.section("edges (caller → callee over mTLS)");
+  for (const { from, to } of edges(mesh)) {
+    const { host, port } = where(to);
+    const r = await probe(host, port, to.dnsName, creds(from), trust, timeoutMs);
+    const label = `${from.key} → ${to.key}`;
+    if (!r.handshake)
+      report.fail(
+        `${label}: no TLS handshake with ${name(to)} (${r.error ?? "closed"})`,
+        `is the sidecar of ${to.key} running? ashmesh check --config on its host`,
+      );
+    else if (r.error && !r.serverIds.length) report.fail(`${label}: ${r.error}`);
+    else if (!r.serverIds.includes(to.dnsName))
+      report.fail(
+        `${label}: ${name(to)} presented ${r.serverIds.join(", ") || "no identity"}, not ${to.dnsName}`,
+        "the wrong certificate is mounted, or the name resolves to another service",
+      );
+    else if (r.error) report.fail(`${label}: ${r.error}`);
+    else if (r.status === null)
+      report.fail(
+        `${label}: ${name(to)} closed the connection without an answer: it refused ${from.dnsName}'s certificate`,
+        `see the mtls_handshake_failed lines of ${to.key}'s sidecar`,
+      );
+    else if (r.ashmeshError === "forbidden")
+      report.fail(
+        `${label}: ${to.key} answers 403 to ${from.dnsName}`,
+        `add ${from.dnsName} to ${to.key}'s allow-list (MTLS_ALLOW)`,
+      );
+    else report.ok(`${label}: TLS with ${to.dnsName} verified, ${from.dnsName} allowed (HTTP ${r.status})`);
+  }
+
+  report.section("refusals");
+  for (const s of mesh.services) {
+    const { host, port } = where(s);
+    const anonymous = await probe(host, port, s.dnsName, null, trust, timeoutMs);
+    if (!anonymous.handshake && anonymous.error === "ECONNREFUSED")
+      report.fail(`${s.key}: nothing listens on ${name(s)}`);
+    else if (anonymous.status !== null)
+      report.fail(
+        `${s.key}: ${name(s)} answered HTTP ${anonymous.status} to a client without a certificate`,
+        `the sidecar of ${s.key} does not require client certificates: set MTLS_VERIFY_CLIENT=true`,
+      );
+    else report.ok(`${s.key}: a client without a certificate is refused`);
+    const outsiders = mesh.services.filter((o) => o.key !== s.key && !s.callers.includes(o.key));
+    const outsider = outsiders[0];
+    if (outsider) {
+      const r = await probe(host, port, s.dnsName, creds(outsider), trust, timeoutMs);
+      if (r.ashmeshError === "forbidden") report.ok(`${s.key}: ${outsider.key} (not a caller) gets 403`);
+      else
+        report.fail(
+          `${s.key}: ${outsider.key}, not a caller, got ${r.status ?? r.error ?? "no answer"} instead of 403`,
+          `check ${s.key}'s allow-list (MTLS_ALLOW)`,
+        );
+    }
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const { values } = parse({
+    args: argv,
+    options: {
+      config: { type: "string", short: "c" },
+      mesh: { type: "string" },
+      dir: { type: "string", default: DEFAULT_PKI_DIR },
+      addresses: { type: "string", default: "local" },
+      timeout: { type: "string", default: "3000" },
+      help: { type: "boolean", short: "h" },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(`${HELP}\n`);
+    return 0;
+  }
+  if (values.addresses !== "local" && values.addresses !== "dns")
+    throw new UsageError(`--addresses=${values.addresses}: expected local or dns`);
+  const timeout = Number(values.timeout);
+  if (!Number.isInteger(timeout) || timeout <= 0)
+    throw new UsageError(`--timeout=${values.timeout}: expected milliseconds`);
+  const report = new Report();
+  if (values.config) await checkConfig(values.config, report);
+  if (values.mesh !== undefined || !values.config) {
+    const mesh = loadMesh(values.mesh ?? defaultMeshFile());
+    await checkMesh(mesh, values.dir, values.addresses, timeout, report);
+  }
+  report.print((s) => process.stdout.write(`${s}\n`));
+  return report.failed === 0 ? 0 : 1;
+}
