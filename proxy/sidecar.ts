@@ -164,14 +164,28 @@ export class Sidecar {
       this.listening.admin = this.admin.address() as AddressInfo;
       logger.info({ event: "listening", listener: "admin", address: formatAddress(this.listening.admin) });
     }
-    this.expiryTimer = setInterval(() => this.reportIdentity(this.identity.current), 6 * 3600_000).unref();
+    this.expiryTimer = setInterval(() => this.reportIdentity(this.identity.current), 3600_000).unref();
     return this.listening;
   }
 
-  /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, own revocation. */
+  /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, CRL freshness. */
   private reportIdentity(identity: Identity): void {
     for (const warning of identity.warnings) this.logger.warn({ event: "identity_warning", message: warning });
     const certs = [identity.server.summary, ...(identity.client !== identity.server ? [identity.client.summary] : [])];
+    // A CRL past its nextUpdate makes OpenSSL refuse every peer of its CA (crl_expired): say so
+    // a day ahead, and loudly once it happened, rather than trusting an old list forever.
+    for (const crl of identity.crl?.lists ?? []) {
+      if (!crl.nextUpdate) continue;
+      const days = (crl.nextUpdate.getTime() - Date.now()) / DAY_MS;
+      if (days < 1) {
+        this.logger[days < 0 ? "error" : "warn"]({
+          event: days < 0 ? "crl_expired" : "crl_expiring",
+          issuer: crl.issuer,
+          next_update: crl.nextUpdate.toISOString(),
+          message: "publish a fresh CRL (ashmesh certs renew re-signs the dev CA's)",
+        });
+      }
+    }
     for (const s of certs) {
       const days = (s.notAfter.getTime() - Date.now()) / DAY_MS;
       if (days < EXPIRY_WARNING_DAYS) {
