@@ -7,6 +7,7 @@ import { createWriteStream, existsSync, mkdirSync } from "node:fs";
 import type http from "node:http";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { issueAll } from "../certs-dev/issue-all.js";
 import { DevCa } from "../certs-dev/store.js";
 import { type HopReport, startStandinApp } from "../compose/standin.js";
 import { parseConfig } from "../config/load.js";
@@ -33,23 +34,12 @@ export function defaultMeshFile(): string {
   return "compose/mesh.yaml";
 }
 
-/** Makes the CA and any missing certificate; refreshes the CRL so it is never stale at start. */
+/** Makes the CA and any missing certificate (issue-all); re-signs the CRLs so they are never stale at start. */
 export async function ensurePki(mesh: Mesh, dir: string, say: (line: string) => void): Promise<DevCa> {
-  let ca: DevCa;
-  if (DevCa.exists(dir)) {
-    ca = DevCa.open(dir);
-  } else {
-    say(`creating a development CA in ${dir}`);
-    ca = await DevCa.init(dir, { commonName: mesh.caName });
-  }
-  const now = Date.now();
-  for (const s of mesh.services) {
-    const current = ca.records.find((r) => r.name === s.dnsName && !r.superseded && r.revokedAt === null);
-    if (current && Date.parse(current.notAfter) > now + 86_400_000 && existsSync(ca.identityFiles(s.dnsName).key))
-      continue;
-    say(`issuing a certificate for ${s.dnsName}`);
-    await ca.issue(s.dnsName, { replace: true });
-  }
+  await issueAll(mesh, dir, {}, (line) => {
+    if (!line.startsWith("kept")) say(line);
+  });
+  const ca = DevCa.open(dir);
   await ca.writeCrl();
   return ca;
 }

@@ -66,9 +66,17 @@ async function generateKeys(algorithm: KeyAlgorithm): Promise<CryptoKeyPair> {
   return (await subtle.generateKey(ALGORITHMS[algorithm], true, ["sign", "verify"])) as CryptoKeyPair;
 }
 
+/** @peculiar/x509 ends PEM without a newline; `cat a.crt b.crt > bundle` would then glue two blocks. */
+const line = (pem: string) => (pem.endsWith("\n") ? pem : `${pem}\n`);
+
 async function privateKeyPem(key: CryptoKey): Promise<string> {
   const der = await subtle.exportKey("pkcs8", key);
-  return x509.PemConverter.encode(der, "PRIVATE KEY");
+  return line(x509.PemConverter.encode(der, "PRIVATE KEY"));
+}
+
+/** The algorithm of a PEM private key, so that a reissue keeps it. */
+export function keyAlgorithm(keyPem: string): KeyAlgorithm {
+  return createPrivateKey(keyPem).asymmetricKeyType === "rsa" ? "rsa" : "ecdsa";
 }
 
 /** Loads a PEM private key (PKCS#8, SEC1 or PKCS#1) as a WebCrypto signing key. */
@@ -96,6 +104,8 @@ function fingerprint(certPem: string): string {
 /** A self-signed root CA: 10 years by default, may sign certificates and CRLs. */
 export async function createCa(options: {
   commonName?: string;
+  /** An OU that tells CAs of one name apart (the CA roll's "generation 2"). */
+  unit?: string;
   days?: number;
   algorithm?: KeyAlgorithm;
 }): Promise<IssuedCertificate> {
@@ -105,7 +115,7 @@ export async function createCa(options: {
   const { notBefore, notAfter } = window(options.days ?? 3650);
   const cert = await x509.X509CertificateGenerator.createSelfSigned({
     serialNumber: serial,
-    name: `O=ashmesh development CA, CN=${options.commonName ?? "ashchan-ca"}`,
+    name: `O=ashmesh development CA, ${options.unit ? `OU=${options.unit}, ` : ""}CN=${options.commonName ?? "ashchan-ca"}`,
     notBefore,
     notAfter,
     signingAlgorithm: ALGORITHMS[algorithm],
@@ -116,7 +126,7 @@ export async function createCa(options: {
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
-  const certPem = cert.toString("pem");
+  const certPem = line(cert.toString("pem"));
   return {
     certPem,
     keyPem: await privateKeyPem(keys.privateKey),
@@ -161,7 +171,7 @@ export async function issueCertificate(ca: KeyPairPem, request: IssueRequest): P
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
-  const certPem = cert.toString("pem");
+  const certPem = line(cert.toString("pem"));
   return {
     certPem,
     keyPem: await privateKeyPem(keys.privateKey),
@@ -200,7 +210,7 @@ export async function createCrl(
       new x509.Extension("2.5.29.20", false, crlNumber(options.number)),
     ],
   });
-  return x509.PemConverter.encode(crl.rawData, "X509 CRL");
+  return line(x509.PemConverter.encode(crl.rawData, "X509 CRL"));
 }
 
 /** DER INTEGER for the cRLNumber extension (RFC 5280 §5.2.3). */

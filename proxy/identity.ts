@@ -223,6 +223,7 @@ async function parseCrls(
   pem: Buffer,
   bundle: readonly X509Certificate[],
   now: Date,
+  warnings: string[],
 ): Promise<ParsedCrl[]> {
   const x509 = await import("./crl.js");
   const text = pem.toString("latin1");
@@ -243,11 +244,10 @@ async function parseCrls(
     }
     const issuerCa = await x509.crlIssuer(crl, bundle);
     if (!issuerCa) {
-      throw new IdentityError(
-        "tls.crl",
-        file,
-        `CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca`,
-      );
+      // Harmless (no peer of that CA is trusted), and normal for a moment while a CA roll
+      // rewrites the bundle and the CRL file one after the other.
+      warnings.push(`tls.crl (${file}): CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca: ignored`);
+      continue;
     }
     if (crl.nextUpdate && crl.nextUpdate < now) {
       throw new IdentityError(
@@ -358,7 +358,7 @@ export async function loadIdentity(
   let crl: Identity["crl"] = null;
   if (paths.crl) {
     const pem = reuse.trust ? reuse.trust.crlPem : readFile("tls.crl", paths.crl);
-    if (pem) crl = { pem, lists: await parseCrls(paths.crl, pem, caCerts, now) };
+    if (pem) crl = { pem, lists: await parseCrls(paths.crl, pem, caCerts, now, warnings) };
   }
   const trustHash = createHash("sha256")
     .update(caPem)

@@ -10,7 +10,7 @@ import type { Config } from "../config/schema.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { ProxyError, sendError } from "./errors.js";
 import { forward, forwardRequestHeaders } from "./forward.js";
-import { type Identity, type IdentityChange, isRevoked } from "./identity.js";
+import { chainToCa, type Identity, type IdentityChange, isRevoked, summarize } from "./identity.js";
 import type { Logger } from "./log.js";
 import type { Metrics, RequestRecorder } from "./metrics.js";
 import { authorize, compilePolicy, type Policy } from "./policy.js";
@@ -24,7 +24,6 @@ interface Connection {
   xfcc: string[];
   recorder: RequestRecorder;
   edge: EdgeCounter;
-  serial: string | null;
 }
 
 const kConnection = Symbol("ashmesh.connection");
@@ -157,7 +156,6 @@ export class Inbound {
         },
         { version: state.version, cipher: state.cipher },
       ),
-      serial: state.kind === "verified" ? state.peer.serial : null,
     };
     socket[kConnection] = connection;
     this.connections.add(socket);
@@ -264,35 +262,41 @@ export class Inbound {
   /**
    * A new identity: new handshakes use it; open connections keep theirs. When trust changed
    * (CA bundle or CRL), ticket keys rotate so no earlier session resumes, and open connections
-   * of peers the new CRL revokes are closed.
+   * whose peer is now revoked, or whose CA is no longer trusted, are closed.
    */
   applyIdentity(change: IdentityChange): void {
     this.identity = change.next;
-    const options: tls.SecureContextOptions & { ticketKeys?: Buffer } = serverTlsOptions(
-      change.next,
-      this.deps.config.tls,
-    );
+    const options: tls.SecureContextOptions & { ticketKeys?: Buffer } = serverTlsOptions(change.next, this.deps.config.tls);
     // setSecureContext makes fresh ticket keys; keep the old ones unless trust changed, so a
     // plain certificate rotation does not force every client into a full handshake.
     options.ticketKeys = change.trustChanged ? randomBytes(48) : this.tlsServer.getTicketKeys();
     this.tlsServer.setSecureContext(options);
-    if (change.trustChanged) this.closeRevoked(change.next);
+    if (change.trustChanged) this.closeUntrusted(change.previous, change.next);
   }
 
-  private closeRevoked(identity: Identity): void {
+  private closeUntrusted(previous: Identity, next: Identity): void {
+    const trusted = new Set(next.ca.summaries.map((s) => s.sha256));
     for (const socket of this.connections) {
       const connection = socket[kConnection];
-      if (connection?.serial && isRevoked(identity, connection.serial)) {
-        this.deps.metrics.revokedConnections.inc({ direction: "inbound" });
-        this.deps.logger.warn({
-          event: "mtls_connection_revoked",
-          direction: "inbound",
-          identity: connection.label,
-          serial: connection.serial,
-          remote_addr: socket.remoteAddress,
-        });
-        socket.destroy();
+      if (connection?.tls.kind !== "verified") continue;
+      const { peer, cert } = connection.tls;
+      let reason: "revoked" | "ca_no_longer_trusted" | null = null;
+      if (isRevoked(next, peer.serial)) reason = "revoked";
+      else {
+        // The CA the peer chained to directly; peers behind intermediates keep their connection.
+        const anchor = chainToCa(cert, [], previous.ca.certs);
+        if (anchor && !trusted.has(summarize(anchor).sha256)) reason = "ca_no_longer_trusted";
       }
+      if (!reason) continue;
+      if (reason === "revoked") this.deps.metrics.revokedConnections.inc({ direction: "inbound" });
+      this.deps.logger.warn({
+        event: reason === "revoked" ? "mtls_connection_revoked" : "mtls_connection_untrusted",
+        direction: "inbound",
+        identity: connection.label,
+        serial: peer.serial,
+        remote_addr: socket.remoteAddress,
+      });
+      socket.destroy();
     }
   }
 

@@ -4,12 +4,12 @@
 import type { X509Certificate } from "node:crypto";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
-import { chainToCa, type Identity } from "./identity.js";
+import { chainToCa, type Identity, pemBlocks } from "./identity.js";
 import type { FailureReason } from "./metrics.js";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
 
 export type PeerTls =
-  | { kind: "verified"; peer: PeerIdentity; version: string; cipher: string; resumed: boolean }
+  | { kind: "verified"; peer: PeerIdentity; cert: X509Certificate; version: string; cipher: string; resumed: boolean }
   | { kind: "unauthenticated"; version: string; cipher: string; resumed: boolean }
   | { kind: "refused"; reason: FailureReason; detail: string; subject: string | null };
 
@@ -92,7 +92,7 @@ export function classifyInbound(socket: TLSSocket, verifyClient: boolean, trust:
     const code = String(socket.authorizationError ?? "UNKNOWN");
     return { kind: "refused", reason: refusalReason(code, cert, trust), detail: code, subject };
   }
-  return { kind: "verified", peer: cachedPeerIdentity(cert), version, cipher, resumed };
+  return { kind: "verified", peer: cachedPeerIdentity(cert), cert, version, cipher, resumed };
 }
 
 const peerCache = new Map<string, PeerIdentity>();
@@ -109,13 +109,21 @@ export function cachedPeerIdentity(cert: X509Certificate): PeerIdentity {
   return peer;
 }
 
+/**
+ * The CRLs as separate PEM strings: Node reads only the first CRL of a Buffer, and a CA roll
+ * needs one CRL per trusted CA.
+ */
+function crlOption(identity: Identity): { crl?: string[] } {
+  return identity.crl ? { crl: pemBlocks(identity.crl.pem.toString("latin1"), "X509 CRL") } : {};
+}
+
 /** Options for the inbound server's secure context (also used by setSecureContext on reload). */
 export function serverTlsOptions(identity: Identity, config: Config["tls"]): tls.SecureContextOptions {
   return {
     cert: identity.server.certPem,
     key: identity.server.keyPem,
     ca: identity.ca.pem,
-    ...(identity.crl ? { crl: identity.crl.pem } : {}),
+    ...crlOption(identity),
     minVersion: config.minVersion,
     ciphers: config.ciphers.join(":"),
     honorCipherOrder: true,
@@ -128,7 +136,7 @@ export function clientSecureContext(identity: Identity, config: Config["tls"]): 
     cert: identity.client.certPem,
     key: identity.client.keyPem,
     ca: identity.ca.pem,
-    ...(identity.crl ? { crl: identity.crl.pem } : {}),
+    ...crlOption(identity),
     minVersion: config.minVersion,
     ciphers: config.ciphers.join(":"),
   });
