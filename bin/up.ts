@@ -119,7 +119,7 @@ export async function startLocalMesh(
         level: config.log.level,
         destination: createWriteStream(join(options.logDir, `${s.key}.log`), { flags: "a" }),
       });
-      const sidecar = await Sidecar.create(config, { logger, processMetrics: i === 0 });
+      const sidecar = await Sidecar.create(config, { logger, processMetrics: i === 0, inheritSockets: false });
       sidecars.set(s.key, sidecar);
       await sidecar.start();
       const { server } = await startStandinApp({

@@ -102,11 +102,12 @@ export class Inbound {
     return this.connections.size;
   }
 
-  async listen(): Promise<AddressInfo> {
+  /** Listens on inbound.listen, or on `fd` when systemd handed over the socket. */
+  async listen(fd?: number): Promise<AddressInfo> {
     const { host, port } = this.deps.config.inbound.listen;
     await new Promise<void>((resolve, reject) => {
       this.tlsServer.once("error", reject);
-      this.tlsServer.listen(port, host, () => {
+      this.tlsServer.listen(fd === undefined ? { port, host } : { fd }, () => {
         this.tlsServer.off("error", reject);
         resolve();
       });
@@ -266,7 +267,10 @@ export class Inbound {
    */
   applyIdentity(change: IdentityChange): void {
     this.identity = change.next;
-    const options: tls.SecureContextOptions & { ticketKeys?: Buffer } = serverTlsOptions(change.next, this.deps.config.tls);
+    const options: tls.SecureContextOptions & { ticketKeys?: Buffer } = serverTlsOptions(
+      change.next,
+      this.deps.config.tls,
+    );
     // setSecureContext makes fresh ticket keys; keep the old ones unless trust changed, so a
     // plain certificate rotation does not force every client into a full handshake.
     options.ticketKeys = change.trustChanged ? randomBytes(48) : this.tlsServer.getTicketKeys();

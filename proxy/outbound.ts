@@ -118,7 +118,8 @@ export class Outbound {
     return server;
   }
 
-  async listen(): Promise<Array<{ name: string; address: AddressInfo }>> {
+  /** Listens on each configured address; the forward proxy on `forwardFd` when systemd handed it over. */
+  async listen(forwardFd?: number): Promise<Array<{ name: string; address: AddressInfo }>> {
     const { outbound } = this.deps.config;
     const listens = [
       ...(outbound.listen ? [{ name: "forward proxy", ...outbound.listen }] : []),
@@ -129,7 +130,8 @@ export class Outbound {
       const spec = listens[i] as { name: string; host: string; port: number };
       await new Promise<void>((resolve, reject) => {
         server.once("error", reject);
-        server.listen(spec.port, spec.host, () => {
+        const inherited = i === 0 && outbound.listen && forwardFd !== undefined;
+        server.listen(inherited ? { fd: forwardFd } : { port: spec.port, host: spec.host }, () => {
           server.off("error", reject);
           resolve();
         });

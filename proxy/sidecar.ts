@@ -13,6 +13,7 @@ import { Inbound } from "./inbound.js";
 import { createLogger, type Logger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { Outbound } from "./outbound.js";
+import { inheritedSockets } from "./systemd.js";
 
 export interface SidecarOptions {
   /** Where log lines go (default stdout). */
@@ -22,6 +23,8 @@ export interface SidecarOptions {
   processMetrics?: boolean;
   /** Watch the identity files (default true). */
   watch?: boolean;
+  /** Use listening sockets handed over by systemd (LISTEN_FDS), default true. */
+  inheritSockets?: boolean;
 }
 
 export interface Listening {
@@ -114,6 +117,7 @@ export class Sidecar {
     const { config, logger } = this;
     this.state = "starting";
     const deps = { config, identity: this.identity.current, metrics: this.metrics, logger, edges: this.edges };
+    const sockets = this.options.inheritSockets === false ? new Map() : inheritedSockets();
     this.reportIdentity(this.identity.current);
     if (config.inbound.enabled) {
       if (!config.inbound.verifyClient) {
@@ -130,17 +134,18 @@ export class Sidecar {
         });
       }
       this.inbound = new Inbound(deps);
-      this.listening.inbound = await this.inbound.listen();
+      this.listening.inbound = await this.inbound.listen(sockets.get("inbound"));
       logger.info({
         event: "listening",
         listener: "inbound",
+        ...(sockets.has("inbound") ? { socket: "systemd" } : {}),
         address: formatAddress(this.listening.inbound),
         app: config.inbound.app,
       });
     }
     if (config.outbound.enabled) {
       this.outbound = new Outbound(deps);
-      this.listening.outbound = await this.outbound.listen();
+      this.listening.outbound = await this.outbound.listen(sockets.get("outbound"));
       for (const l of this.listening.outbound) {
         logger.info({ event: "listening", listener: "outbound", name: l.name, address: formatAddress(l.address) });
       }
@@ -157,9 +162,10 @@ export class Sidecar {
         edges: () => this.edges.list(),
       });
       const { host, port } = config.admin.listen;
+      const fd = sockets.get("admin");
       await new Promise<void>((resolve, reject) => {
         this.admin?.once("error", reject);
-        this.admin?.listen(port, host, () => resolve());
+        this.admin?.listen(fd === undefined ? { port, host } : { fd }, () => resolve());
       });
       this.listening.admin = this.admin.address() as AddressInfo;
       logger.info({ event: "listening", listener: "admin", address: formatAddress(this.listening.admin) });

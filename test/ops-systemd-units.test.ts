@@ -16,7 +16,7 @@ import { ashmesh, portOf } from "./lib/spawn.js";
 
 const analyze = tool("systemd-analyze", "systemd");
 const DIR = at("compose/systemd");
-const UNITS = ["ashmesh@.service", "ashmesh-renew.service", "ashmesh-renew.timer"];
+const UNITS = ["ashmesh@.service", "ashmesh@.socket", "ashmesh-renew.service", "ashmesh-renew.timer"];
 const BIN = "/usr/local/bin/ashmesh";
 const REFRESH = "/usr/local/libexec/ashmesh-refresh-sidecars";
 const text = (name: string) => readFileSync(join(DIR, name), "utf8");
@@ -55,6 +55,7 @@ async function verify(dir: string): Promise<{ clean: boolean; output: string }> 
     "verify",
     "--man=no",
     join(dir, "ashmesh@auth.service"),
+    join(dir, "ashmesh@auth.socket"),
     join(dir, "ashmesh-renew.service"),
     join(dir, "ashmesh-renew.timer"),
   ]);
@@ -88,6 +89,12 @@ t.test("systemd-analyze verify catches a real mistake in a unit", { skip: analyz
     ["a bad restart policy", "ashmesh@.service", (s) => s.replace(/^Restart=on-failure$/m, "Restart=on-falure")],
     ["a missing binary", "ashmesh@.service", (s) => s.replace(/^ExecStart=\S+/m, "ExecStart=/nonexistent/ashmesh")],
     ["a bad calendar spec", "ashmesh-renew.timer", (s) => s.replace(/^OnCalendar=daily$/m, "OnCalendar=dayly")],
+    [
+      "a misspelt socket key",
+      "ashmesh@.socket",
+      (s) => s.replace(/^FileDescriptorName=inbound$/m, "FileDescriptorNam=inbound"),
+    ],
+    ["a bad listen address", "ashmesh@.socket", (s) => s.replace(/^ListenStream=8443$/m, "ListenStream=99999")],
     [
       "a key in the wrong section",
       "ashmesh-renew.timer",
