@@ -2,7 +2,7 @@
 // current one, written by rename (new inodes, no temporary file left), modes 0600/0644; the old
 // certificate is superseded, not revoked.
 import { X509Certificate } from "node:crypto";
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { chownSync, readdirSync, readFileSync, statSync } from "node:fs";
 import t from "tap";
 import { DevCa } from "../certs-dev/store.js";
 import { certs, certsCli, hasOpenssl, openssl, tempDir } from "./lib/certs.js";
@@ -111,3 +111,30 @@ t.test("rotate refuses what it cannot do, with exit code 2 and the next step", a
   t.equal(days.code, 2);
   t.match(days.err, /--days=0/);
 });
+
+t.test(
+  "rotate keeps the owner of the files it replaces, so a sidecar running as another user can still read its key",
+  { skip: process.getuid?.() === 0 ? false : "needs root to give files to another user" },
+  async (t) => {
+    const dir = tempDir(t);
+    t.equal((await certs(["init", "--dir", dir])).code, 0);
+    t.equal((await certs(["issue", "auth.ashchan.local", "--dir", dir])).code, 0);
+    const files = DevCa.open(dir).identityFiles("auth.ashchan.local");
+    // What the Podman mesh does: the container's user 10001 owns its identity files.
+    chownSync(files.key, 10001, 10001);
+    chownSync(files.cert, 10001, 10001);
+    const rotated = await certs(["rotate", "auth.ashchan.local", "--dir", dir]);
+    t.equal(rotated.code, 0, rotated.err);
+    for (const [file, mode] of [
+      [files.key, 0o600],
+      [files.cert, 0o644],
+    ] as const) {
+      const st = statSync(file);
+      t.same(
+        [st.uid, st.gid, st.mode & 0o777],
+        [10001, 10001, mode],
+        `${file}: still 10001:10001, mode ${mode.toString(8)}`,
+      );
+    }
+  },
+);
