@@ -1,0 +1,115 @@
+// Helpers for the tests that run the mesh in Podman containers: build the images with the
+// project's own scripts, drive podman-compose with compose/podman-compose.yml, and probe the
+// containers' network from a container of its own (what a workload on the mesh network sees).
+import { at, type RunResult, run, tool } from "./ops.js";
+
+export const podman = tool("podman", "podman");
+export const podmanCompose = tool("podman-compose", "podman-compose");
+/** The reason to skip the Podman tests, or false when both tools are there. */
+export const podmanSkip: string | false = podman.skip || podmanCompose.skip;
+
+export const IMAGE = "localhost/ashmesh:latest";
+export const BASE = "localhost/ashmesh-base:latest";
+export const COMPOSE_FILE = at("compose/podman-compose.yml");
+const SHIM = at("compose/podman/podman-shim");
+
+/** Podman with the project's settings (runc, ulimits the host allows): nothing in /etc changes. */
+export function podmanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  return {
+    ...process.env,
+    CONTAINERS_CONF: process.env.CONTAINERS_CONF ?? at("compose/podman/containers.conf"),
+    ...extra,
+  };
+}
+
+export function podmanRun(args: string[], options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}) {
+  return run("podman", args, { env: options.env ?? podmanEnv(), timeoutMs: options.timeoutMs ?? 60_000 });
+}
+
+/** Builds the local base (no registry needed) and the ashmesh image, as the README says. */
+export async function buildImages(): Promise<RunResult> {
+  const base = await run("sh", [at("compose/podman/build-base.sh"), BASE], { env: podmanEnv(), timeoutMs: 300_000 });
+  if (base.code !== 0) return base;
+  return run("sh", [at("compose/build-image.sh"), "--base", BASE, "--tag", IMAGE], {
+    env: podmanEnv(),
+    timeoutMs: 600_000,
+  });
+}
+
+export function compose(project: string, env: NodeJS.ProcessEnv, args: string[], timeoutMs = 300_000) {
+  return run("podman-compose", ["--podman-path", SHIM, "-p", project, "-f", COMPOSE_FILE, ...args], {
+    env,
+    timeoutMs,
+  });
+}
+
+export interface ProbeStep {
+  name: string;
+  host: string;
+  port: number;
+  /** TLS when set (servername = host); plain TCP when absent. */
+  tls?: { cert?: string; key?: string; ca?: string };
+  /** Bytes to send once connected. */
+  send: string;
+}
+
+export interface ProbeResult {
+  name: string;
+  /** The first line of what came back ("" when nothing did). */
+  firstLine: string;
+  body: string;
+  error: string | null;
+  /** The serial of the certificate the server presented (TLS only). */
+  peerSerial: string | null;
+}
+
+// Runs inside the image's Node: no test code, only node:tls and node:net.
+const PROBE = `
+const tls = require("node:tls"), net = require("node:net");
+const steps = JSON.parse(process.env.PROBE_STEPS);
+const one = (s) => new Promise((done) => {
+  let data = "", error = null, serial = null, finished = false;
+  const finish = () => { if (finished) return; finished = true; clearTimeout(timer);
+    const i = data.indexOf("\\r\\n\\r\\n");
+    done({ name: s.name, firstLine: data.split("\\r\\n")[0], body: i < 0 ? "" : data.slice(i + 4),
+      error, peerSerial: serial }); };
+  const timer = setTimeout(() => { error = error || "timeout"; sock.destroy(); finish(); }, 8000);
+  const sock = s.tls
+    ? tls.connect({ host: s.host, port: s.port, servername: s.host, ...s.tls, rejectUnauthorized: Boolean(s.tls.ca) },
+        () => { serial = sock.getPeerCertificate().serialNumber || null; sock.write(s.send); })
+    : net.connect({ host: s.host, port: s.port }, () => sock.write(s.send));
+  sock.on("data", (d) => { data += d.toString("latin1"); });
+  sock.on("error", (e) => { error = e.code || e.message; });
+  sock.on("close", finish);
+});
+(async () => { const out = []; for (const s of steps) out.push(await one(s));
+  process.stdout.write(JSON.stringify(out)); })();
+`;
+
+/** Runs the steps one after another from a fresh container on `network`. */
+export async function probe(network: string, steps: ProbeStep[]): Promise<ProbeResult[]> {
+  const r = await podmanRun(
+    [
+      "run",
+      "--rm",
+      "--network",
+      network,
+      "--read-only",
+      "--cap-drop",
+      "ALL",
+      "--env",
+      "PROBE_STEPS",
+      "--entrypoint",
+      "/usr/local/bin/node",
+      IMAGE,
+      "-e",
+      PROBE,
+    ],
+    { env: podmanEnv({ PROBE_STEPS: JSON.stringify(steps) }), timeoutMs: 120_000 },
+  );
+  if (r.code !== 0) throw new Error(`the probe container failed (exit ${r.code}): ${r.output.slice(0, 2000)}`);
+  return JSON.parse(r.stdout) as ProbeResult[];
+}
+
+export const request = (method: string, host: string, path: string) =>
+  `${method} ${path} HTTP/1.1\r\nhost: ${host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`;

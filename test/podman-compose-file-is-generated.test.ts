@@ -1,0 +1,115 @@
+// compose/podman-compose.yml is generated from compose/mesh.yaml (compose/generate-compose.ts):
+// the file on disk must be what the generator makes now, and what it makes must keep the mesh's
+// security properties: every sidecar shares its app's network namespace, only the entry app is
+// published and only on the host's loopback, identity files are mounted read-only and the CA's
+// own key never is, the allow-lists and destinations are the mesh file's edges.
+import { readFileSync } from "node:fs";
+import t from "tap";
+import { parse } from "yaml";
+import { COMPOSE_FILE, generateCompose, MESH_FILE } from "../compose/generate-compose.js";
+import { loadMesh, service } from "../config/mesh.js";
+
+interface ComposeService {
+  container_name: string;
+  image: string;
+  command?: string[];
+  entrypoint?: string[];
+  network_mode?: string;
+  networks?: string[];
+  ports?: string[];
+  user?: string;
+  environment: Record<string, string>;
+  volumes?: string[];
+  read_only?: boolean;
+  cap_drop?: string[];
+  security_opt?: string[];
+}
+
+const mesh = loadMesh(MESH_FILE);
+const generated = generateCompose(mesh);
+
+t.test("the committed file is the generator's output for compose/mesh.yaml", async (t) => {
+  t.equal(
+    readFileSync(COMPOSE_FILE, "utf8"),
+    generated,
+    "compose/podman-compose.yml is stale: run `npx tsx compose/generate-compose.ts` and commit it",
+  );
+});
+
+t.test("what the generator makes keeps the mesh's properties", async (t) => {
+  const doc = parse(generated) as { services: Record<string, ComposeService> };
+  const names = Object.keys(doc.services);
+  t.same(
+    names.sort(),
+    mesh.services.flatMap((s) => [s.key, `${s.key}-sidecar`]).sort(),
+    "an app and a sidecar per service",
+  );
+
+  for (const s of mesh.services) {
+    const app = doc.services[s.key] as ComposeService;
+    const sidecar = doc.services[`${s.key}-sidecar`] as ComposeService;
+    t.equal(app.container_name, s.dnsName, `${s.key}: the app's container answers to ${s.dnsName} on the network`);
+    t.equal(
+      sidecar.network_mode,
+      `container:${s.dnsName}`,
+      `${s.key}: the sidecar lives in the app's network namespace`,
+    );
+    t.notOk(sidecar.ports, `${s.key}: the sidecar publishes nothing on the host`);
+    for (const c of [app, sidecar]) {
+      t.equal(c.read_only, true, `${c.container_name}: read-only root`);
+      t.same(c.cap_drop, ["ALL"], `${c.container_name}: no capabilities`);
+      t.same(c.security_opt, ["no-new-privileges"]);
+    }
+
+    const entry = mesh.entry.service === s.key;
+    if (entry) {
+      t.same(
+        app.ports,
+        [`127.0.0.1:\${ASHMESH_ENTRY_PORT:-${s.appPort}}:${s.appPort}`],
+        "the entry app, on 127.0.0.1 only",
+      );
+    } else {
+      t.notOk(app.ports, `${s.key}: not published`);
+      t.equal(app.environment.STANDIN_HOST, "127.0.0.1", `${s.key}: the app listens where only its sidecar reaches it`);
+    }
+
+    const env = sidecar.environment;
+    t.equal(env.SERVICE_DNS_NAME, s.dnsName);
+    t.equal(env.MTLS_VERIFY_CLIENT, "true");
+    t.equal(env.MTLS_MIN_TLS_VERSION, "TLSv1.3");
+    t.same(
+      env.MTLS_ALLOW === "" ? [] : (env.MTLS_ALLOW ?? "").split(","),
+      s.callers.map((c) => service(mesh, c).dnsName),
+      `${s.key}: allows exactly its callers`,
+    );
+    t.same(
+      env.OUTBOUND_DESTINATIONS === "" ? [] : (env.OUTBOUND_DESTINATIONS ?? "").split(","),
+      [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))],
+      `${s.key}: may call exactly the services it calls`,
+    );
+    t.equal(env.OUTBOUND_LISTEN, `127.0.0.1:${mesh.ports.outbound}`, "the forward proxy is for its own app only");
+    t.equal(app.environment.HTTP_PROXY, `http://127.0.0.1:${mesh.ports.outbound}`, "the app calls out through it");
+
+    t.same(
+      sidecar.volumes,
+      [
+        `\${ASHMESH_PKI:-../.ashmesh/pki}/${s.dnsName}:/etc/mtls/identity:ro`,
+        `\${ASHMESH_PKI:-../.ashmesh/pki}/trust:/etc/mtls/trust:ro`,
+      ],
+      `${s.key}: its own identity and the trust bundle, read-only`,
+    );
+    t.notOk(app.volumes, `${s.key}: the app mounts no key`);
+    t.notMatch(generated, /\/ca:/, "the CA's directory is never mounted");
+    t.match(sidecar.user ?? "", /^\$\{ASHMESH_UID:-10001\}:\$\{ASHMESH_GID:-10001\}$/, "not root by default");
+  }
+});
+
+t.test("a change in the mesh file changes the compose file", async (t) => {
+  const changed = structuredClone(mesh);
+  const auth = changed.services.find((s) => s.key === "auth");
+  if (!auth) throw new Error("the mesh file has no auth service");
+  auth.callers = [...auth.callers, "search"];
+  const text = generateCompose(changed);
+  t.not(text, generated);
+  t.match(text, /MTLS_ALLOW: "?gateway\.ashchan\.local,search\.ashchan\.local"?/);
+});
