@@ -278,3 +278,14 @@ t.test("auth.env with credentials as systemd passes them starts a sidecar that s
   proc.child.kill("SIGTERM");
   t.equal(await proc.exited, 0, "SIGTERM (systemctl stop) drains and exits 0");
 });
+
+t.test("the socket outlives a restart of its service", async (t) => {
+  // PartOf= (or BindsTo=) on the socket would pass `systemctl restart ashmesh@X` on to the socket,
+  // and systemd would close the port for the moment the socket unit needs to come back.
+  const socket = parseUnit(text("ashmesh@.socket"));
+  for (const key of ["PartOf", "BindsTo", "Requires"]) {
+    t.same(unitValues(socket, "Unit", key), [], `ashmesh@.socket has no ${key}=`);
+  }
+  t.equal(unitValue(socket, "Socket", "FileDescriptorName"), "inbound", "the sidecar finds it by name");
+  t.equal(unitValue(socket, "Socket", "Service"), "ashmesh@%i.service");
+});
