@@ -246,7 +246,9 @@ async function parseCrls(
     if (!issuerCa) {
       // Harmless (no peer of that CA is trusted), and normal for a moment while a CA roll
       // rewrites the bundle and the CRL file one after the other.
-      warnings.push(`tls.crl (${file}): CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca: ignored`);
+      warnings.push(
+        `tls.crl (${file}): CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca: ignored`,
+      );
       continue;
     }
     if (crl.nextUpdate && crl.nextUpdate < now) {

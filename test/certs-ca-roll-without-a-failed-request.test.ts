@@ -157,7 +157,10 @@ async function roll(t: Test, options: { crl: boolean }) {
     "every sidecar trusts the new CA only",
   );
   await steady("after finish");
-  t.ok(await eventually(() => oldConnectionClosed, 2_000), "the old CA's open connection was closed once it was no longer trusted");
+  t.ok(
+    await eventually(() => oldConnectionClosed, 2_000),
+    "the old CA's open connection was closed once it was no longer trusted",
+  );
   t.ok(callee.logs.events("mtls_connection_untrusted").length >= 1, "and that was logged");
 
   running = false;
