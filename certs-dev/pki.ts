@@ -102,6 +102,25 @@ function fingerprint(certPem: string): string {
 }
 
 /** A self-signed root CA: 10 years by default, may sign certificates and CRLs. */
+/** What createCa and issueCertificate hand back: the PEMs and what callers index them by. */
+async function issued(
+  cert: x509.X509Certificate,
+  keys: CryptoKeyPair,
+  serial: string,
+  notBefore: Date,
+  notAfter: Date,
+): Promise<IssuedCertificate> {
+  const certPem = line(cert.toString("pem"));
+  return {
+    certPem,
+    keyPem: await privateKeyPem(keys.privateKey),
+    serial,
+    notBefore,
+    notAfter,
+    fingerprint256: fingerprint(certPem),
+  };
+}
+
 export async function createCa(options: {
   commonName?: string;
   /** An OU that tells CAs of one name apart (the CA roll's "generation 2"). */
@@ -126,15 +145,7 @@ export async function createCa(options: {
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
-  const certPem = line(cert.toString("pem"));
-  return {
-    certPem,
-    keyPem: await privateKeyPem(keys.privateKey),
-    serial,
-    notBefore,
-    notAfter,
-    fingerprint256: fingerprint(certPem),
-  };
+  return issued(cert, keys, serial, notBefore, notAfter);
 }
 
 /** A service certificate for both ends of mTLS: EKU serverAuth + clientAuth, one year by default. */
@@ -171,15 +182,7 @@ export async function issueCertificate(ca: KeyPairPem, request: IssueRequest): P
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
-  const certPem = line(cert.toString("pem"));
-  return {
-    certPem,
-    keyPem: await privateKeyPem(keys.privateKey),
-    serial,
-    notBefore,
-    notAfter,
-    fingerprint256: fingerprint(certPem),
-  };
+  return issued(cert, keys, serial, notBefore, notAfter);
 }
 
 /**
