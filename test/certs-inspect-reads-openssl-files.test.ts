@@ -6,18 +6,14 @@ import { join } from "node:path";
 import t from "tap";
 import { begin } from "../certs-dev/ca-roll.js";
 import { DevCa } from "../certs-dev/store.js";
-import { certs, certsCli, hasOpenssl, openssl, tempDir } from "./lib/certs.js";
+import { certs, certsCli, hasOpenssl, NEW_P256_KEY, openssl, opensslOk, tempDir } from "./lib/certs.js";
 
 const DAY = 86_400_000;
 
 /** An openssl CA (RSA), a leaf (ECDSA P-256) with SANs and EKUs, and a CRL revoking the leaf. */
 async function opensslPki(dir: string) {
   const f = (name: string) => join(dir, name);
-  const ok = async (args: string[]) => {
-    const r = await openssl(args);
-    if (r.code !== 0) throw new Error(`openssl ${args.join(" ")}: ${r.err}`);
-  };
-  await ok([
+  await opensslOk([
     "req",
     "-x509",
     "-newkey",
@@ -36,13 +32,9 @@ async function opensslPki(dir: string) {
     "-addext",
     "keyUsage=critical,keyCertSign,cRLSign",
   ]);
-  await ok([
+  await opensslOk([
     "req",
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:P-256",
-    "-nodes",
+    ...NEW_P256_KEY,
     "-keyout",
     f("leaf.key"),
     "-out",
@@ -54,7 +46,7 @@ async function opensslPki(dir: string) {
     f("ext.cnf"),
     "subjectAltName=DNS:svc.example.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n",
   );
-  await ok([
+  await opensslOk([
     "x509",
     "-req",
     "-in",
@@ -72,7 +64,7 @@ async function opensslPki(dir: string) {
     "-out",
     f("leaf.crt"),
   ]);
-  await ok(["x509", "-in", f("leaf.crt"), "-outform", "DER", "-out", f("leaf.der")]);
+  await opensslOk(["x509", "-in", f("leaf.crt"), "-outform", "DER", "-out", f("leaf.der")]);
   writeFileSync(f("index.txt"), "");
   writeFileSync(f("crlnumber"), "1000\n");
   writeFileSync(
@@ -80,9 +72,9 @@ async function opensslPki(dir: string) {
     `[ca]\ndefault_ca = dev\n[dev]\ndatabase = ${f("index.txt")}\ncrlnumber = ${f("crlnumber")}\ndefault_md = sha256\ndefault_crl_days = 7\n`,
   );
   const ca = ["-config", f("ca.cnf"), "-keyfile", f("ca.key"), "-cert", f("ca.crt")];
-  await ok(["ca", ...ca, "-gencrl", "-out", f("empty.crl")]);
-  await ok(["ca", ...ca, "-revoke", f("leaf.crt"), "-crl_reason", "keyCompromise"]);
-  await ok(["ca", ...ca, "-gencrl", "-out", f("ca.crl")]);
+  await opensslOk(["ca", ...ca, "-gencrl", "-out", f("empty.crl")]);
+  await opensslOk(["ca", ...ca, "-revoke", f("leaf.crt"), "-crl_reason", "keyCompromise"]);
+  await opensslOk(["ca", ...ca, "-gencrl", "-out", f("ca.crl")]);
   return f;
 }
 

@@ -1,7 +1,6 @@
 // `ashmesh check`: every check is a ✔/× line, exit 1 on any ×. --mesh passes on a healthy running
 // mesh and fails, naming the service, when one sidecar stops requiring client certificates;
 // --config names the file and the fix.
-import { spawn } from "node:child_process";
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,23 +8,10 @@ import t from "tap";
 import { parse, stringify } from "yaml";
 import { ensurePki, startLocalMesh } from "../bin/up.js";
 import { loadMesh } from "../config/mesh.js";
+import { ashmeshCli } from "./lib/run.js";
 
-function ashmesh(args: string[]): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "bin/ashmesh.ts", ...args], {
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (err += d));
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, out, err });
-    });
-  });
-}
+/** `ashmesh ARGS` as a real process, given a minute: `check --mesh` connects to every sidecar. */
+const ashmesh = (args: string[]) => ashmeshCli(args, { timeoutMs: 60_000 });
 
 /** compose/mesh.yaml on other loopback addresses (127.0.21.x), so it can run beside `up` tests. */
 function testMesh(dir: string): string {

@@ -1,6 +1,5 @@
 // `ashmesh edges` (like `linkerd viz edges`): after the post flow, every edge of the mesh is
 // listed once, with both identities and SECURED √; an edge seen without a client identity is ×.
-import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,17 +8,7 @@ import { parse, stringify } from "yaml";
 import { mergeEdges } from "../bin/edges.js";
 import { ensurePki, startLocalMesh } from "../bin/up.js";
 import { loadMesh } from "../config/mesh.js";
-
-function ashmesh(args: string[]): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "bin/ashmesh.ts", ...args], {
-      stdio: ["ignore", "pipe", "inherit"],
-    });
-    let out = "";
-    child.stdout.on("data", (d) => (out += d));
-    child.on("close", (code) => resolve({ code, out }));
-  });
-}
+import { ashmeshCli } from "./lib/run.js";
 
 t.test("every edge of the post flow, secured", async (t) => {
   const dir = mkdtempSync(join(tmpdir(), "ashmesh-edges-"));
@@ -36,14 +25,14 @@ t.test("every edge of the post flow, secured", async (t) => {
   const entry = await fetch(`http://127.0.22.1:9501${mesh.entry.path}`, { method: "POST", body: "{}" });
   t.equal(entry.status, 200);
 
-  const table = await ashmesh(["edges", "--mesh", meshFile]);
+  const table = await ashmeshCli(["edges", "--mesh", meshFile]);
   t.equal(table.code, 0);
   const lines = table.out.trim().split("\n");
   t.match(lines[0], /^SRC\s+DST\s+SRC_ID\s+DST_ID\s+SECURED\s+TLS\s+REQUESTS$/);
   t.equal(lines.length, 6, "five edges");
   t.match(table.out, /api-gateway\s+auth-accounts\s+gateway\.ashchan\.local\s+auth\.ashchan\.local\s+√\s+TLSv1\.3\s+1/);
   t.match(table.out, /boards-threads-posts\s+search-indexing\s+boards\.ashchan\.local\s+search\.ashchan\.local\s+√/);
-  const json = JSON.parse((await ashmesh(["edges", "--json", "--mesh", meshFile])).out);
+  const json = JSON.parse((await ashmeshCli(["edges", "--json", "--mesh", meshFile])).out);
   t.equal(json.length, 5);
   t.ok(json.every((r: { secured: boolean }) => r.secured));
 });

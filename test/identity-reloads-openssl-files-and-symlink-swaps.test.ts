@@ -2,7 +2,7 @@
 // the way Kubernetes and Vault Agent do (`..data` symlink renamed into place), curl sending
 // requests all along, a broken file, and a client revoked by an openssl-made CRL — resumption with
 // an `openssl s_client -sess_out` session included.
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -10,35 +10,11 @@ import tls from "node:tls";
 import t from "tap";
 import { parseConfig } from "../config/load.js";
 import { Sidecar } from "../proxy/sidecar.js";
+import { hasOpenssl, NEW_P256_KEY, opensslOk } from "./lib/certs.js";
 import { app, eventually, LogLines, sleep } from "./lib/mesh.js";
+import { run } from "./lib/run.js";
 
-const hasTools = spawnSync("openssl", ["version"]).status === 0 && spawnSync("curl", ["--version"]).status === 0;
-
-// Asynchronous: the sidecar runs in this process.
-function run(
-  cmd: string,
-  args: string[],
-  options: { cwd?: string; input?: string } = {},
-): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { cwd: options.cwd, stdio: ["pipe", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), 15_000);
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (err += d));
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, out, err });
-    });
-    child.stdin.end(options.input);
-  });
-}
-
-async function openssl(cwd: string, args: string[]): Promise<void> {
-  const r = await run("openssl", args, { cwd });
-  if (r.code !== 0) throw new Error(`openssl ${args.join(" ")}: ${r.err}`);
-}
+const hasTools = hasOpenssl && spawnSync("curl", ["--version"]).status === 0;
 
 const CA_CNF = `[ca]
 default_ca = ops
@@ -65,33 +41,10 @@ async function leaf(dir: string, name: string, cn: string): Promise<void> {
     join(dir, `${name}.ext`),
     `subjectAltName=DNS:${cn}\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=critical,CA:FALSE\n`,
   );
-  await openssl(dir, [
-    "req",
-    "-newkey",
-    "ec",
-    "-pkeyopt",
-    "ec_paramgen_curve:P-256",
-    "-nodes",
-    "-keyout",
-    `${name}.key`,
-    "-out",
-    `${name}.csr`,
-    "-subj",
-    `/CN=${cn}`,
-  ]);
-  await openssl(dir, [
-    "ca",
-    "-batch",
-    "-config",
-    "ca.cnf",
-    "-in",
-    `${name}.csr`,
-    "-out",
-    `${name}.crt`,
-    "-extfile",
-    `${name}.ext`,
-    "-notext",
-  ]);
+  const cwd = { cwd: dir };
+  await opensslOk(["req", ...NEW_P256_KEY, "-keyout", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${cn}`], cwd);
+  const ca = ["ca", "-batch", "-config", "ca.cnf"];
+  await opensslOk([...ca, "-in", `${name}.csr`, "-out", `${name}.crt`, "-extfile", `${name}.ext`, "-notext"], cwd);
 }
 
 t.test(
@@ -106,30 +59,30 @@ t.test(
     writeFileSync(join(pki, "index.txt"), "");
     writeFileSync(join(pki, "serial"), "1000\n");
     writeFileSync(join(pki, "crlnumber"), "1000\n");
-    await openssl(pki, [
-      "req",
-      "-x509",
-      "-newkey",
-      "ec",
-      "-pkeyopt",
-      "ec_paramgen_curve:P-256",
-      "-nodes",
-      "-keyout",
-      "ca.key",
-      "-out",
-      "ca.crt",
-      "-days",
-      "3650",
-      "-subj",
-      "/CN=ops-ca",
-      "-addext",
-      "basicConstraints=critical,CA:TRUE",
-      "-addext",
-      "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    const cwd = { cwd: pki };
+    await opensslOk(
+      [
+        "req",
+        "-x509",
+        ...NEW_P256_KEY,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=ops-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+      ],
+      cwd,
+    );
     await leaf(pki, "auth1", "auth.ashchan.local");
     await leaf(pki, "client", "gateway.ashchan.local");
-    await openssl(pki, ["ca", "-config", "ca.cnf", "-gencrl", "-out", "ca.crl"]);
+    await opensslOk(["ca", "-config", "ca.cnf", "-gencrl", "-out", "ca.crl"], cwd);
 
     // The secret volume: ..2026_1/ holds the files, ..data points at it, the names point into ..data.
     const secret = join(dir, "secret");
@@ -270,8 +223,8 @@ t.test(
     t.match(before.out, /HTTP\/1\.1 200/);
     const reused = await sClient(["-sess_in", sess]);
     t.match(reused.out, /^Reused, TLSv1\.3/m, "the session resumes before revocation");
-    await openssl(pki, ["ca", "-config", "ca.cnf", "-revoke", "client.crt"]);
-    await openssl(pki, ["ca", "-config", "ca.cnf", "-gencrl", "-out", "ca.crl"]);
+    await opensslOk(["ca", "-config", "ca.cnf", "-revoke", "client.crt"], cwd);
+    await opensslOk(["ca", "-config", "ca.cnf", "-gencrl", "-out", "ca.crl"], cwd);
     writeFileSync(join(trust, "ca.crl.tmp"), read("ca.crl"));
     renameSync(join(trust, "ca.crl.tmp"), join(trust, "ca.crl"));
     t.ok(

@@ -1,22 +1,22 @@
 // Invariant 2: TLS below the configured minimum (1.3 by default) and cipher suites outside the
 // configured list are refused, counted with reason "protocol", and never reach the app.
 import t from "tap";
-import { app, GET, pki, rawTls, sample, sidecar } from "./lib/mesh.js";
+import { app, GET, type Pki, pki, rawTls, sample, sidecar } from "./lib/mesh.js";
+
+/** What the gateway presents when it calls auth: its certificate and key, the CA, auth's name. */
+async function gatewayCredentials(p: Pki) {
+  const gw = await p.identity("gateway.ashchan.local");
+  return { cert: p.read(gw.cert), key: p.read(gw.key), ca: p.read(p.trust.ca), servername: "auth.ashchan.local" };
+}
 
 t.test("TLS 1.2 and unlisted TLS 1.3 suites are refused", async (t) => {
   const p = await pki(t);
   const backend = await app(t);
-  const gw = await p.identity("gateway.ashchan.local");
+  const creds = await gatewayCredentials(p);
   const auth = await sidecar(t, p, "auth.ashchan.local", {
     inbound: { app: backend.url },
     outbound: { enabled: false },
   });
-  const creds = {
-    cert: p.read(gw.cert),
-    key: p.read(gw.key),
-    ca: p.read(p.trust.ca),
-    servername: "auth.ashchan.local",
-  };
 
   const tls12 = await rawTls(auth.inboundPort, { ...creds, maxVersion: "TLSv1.2" }, GET);
   t.equal(tls12.handshake, false, "no TLS 1.2 handshake");
@@ -38,17 +38,11 @@ t.test("TLS 1.2 and unlisted TLS 1.3 suites are refused", async (t) => {
 
 t.test("tls.ciphers narrows the suites", async (t) => {
   const p = await pki(t);
-  const gw = await p.identity("gateway.ashchan.local");
+  const creds = await gatewayCredentials(p);
   const auth = await sidecar(t, p, "auth.ashchan.local", {
     tls: { ciphers: ["TLS_CHACHA20_POLY1305_SHA256"] },
     outbound: { enabled: false },
   });
-  const creds = {
-    cert: p.read(gw.cert),
-    key: p.read(gw.key),
-    ca: p.read(p.trust.ca),
-    servername: "auth.ashchan.local",
-  };
   const aes256 = await rawTls(auth.inboundPort, { ...creds, ciphers: "TLS_AES_256_GCM_SHA384" }, GET);
   t.equal(aes256.handshake, false);
 });

@@ -1,28 +1,12 @@
 // The sidecar driven by the tools operators use: curl with --cert, curl through HTTP_PROXY,
 // and openssl s_client (the seed's health check).
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import t from "tap";
+import { hasOpenssl, openssl } from "./lib/certs.js";
 import { app, pki, sidecar } from "./lib/mesh.js";
-
-// Asynchronous on purpose: the sidecars run in this process, and spawnSync would freeze them.
-function run(cmd: string, args: string[], input?: string): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), 15_000);
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (err += d));
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, out, err });
-    });
-    child.stdin.end(input);
-  });
-}
+import { run } from "./lib/run.js";
 
 const hasCurl = spawnSync("curl", ["--version"]).status === 0;
-const hasOpenssl = spawnSync("openssl", ["version"]).status === 0;
 
 t.test(
   "curl and openssl s_client against a sidecar pair",
@@ -84,25 +68,17 @@ t.test(
       p.trust.ca,
     ];
     const request = "GET /s_client HTTP/1.1\r\nHost: auth.ashchan.local\r\nConnection: close\r\n\r\n";
-    const brief = await run(
-      "openssl",
-      [...connect, "-cert", client.cert, "-key", client.key, "-brief", "-ign_eof"],
-      request,
-    );
+    const brief = await openssl([...connect, "-cert", client.cert, "-key", client.key, "-brief", "-ign_eof"], request);
     t.match(brief.err, /Protocol version: TLSv1\.3/);
     t.match(brief.err, /Ciphersuite: TLS_AES_256_GCM_SHA384/);
     t.match(brief.err, /Verification: OK/);
     t.match(brief.err, /Peer certificate: CN ?= ?auth\.ashchan\.local/);
     t.match(brief.out, /^HTTP\/1\.1 200 OK/, "s_client with a certificate gets an answer");
 
-    const anonymous = await run("openssl", [...connect, "-quiet", "-ign_eof"], request);
+    const anonymous = await openssl([...connect, "-quiet", "-ign_eof"], request);
     t.notMatch(anonymous.out, /HTTP\/1\.1/, "s_client without a certificate gets no answer");
 
-    const tls12 = await run(
-      "openssl",
-      [...connect, "-cert", client.cert, "-key", client.key, "-tls1_2", "-quiet"],
-      request,
-    );
+    const tls12 = await openssl([...connect, "-cert", client.cert, "-key", client.key, "-tls1_2", "-quiet"], request);
     t.not(tls12.code, 0);
     t.match(tls12.err, /alert protocol version|unsupported protocol|wrong version/i);
     t.same(

@@ -1,31 +1,13 @@
 // `ashmesh up --once` (what `npm start` runs, without --once): the seed's post flow crosses the
 // six services, and every hop shows the identity each end verified.
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
+import { ashmeshCli } from "./lib/run.js";
 
-function up(dir: string): Promise<{ code: number | null; out: string; err: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(
-      process.execPath,
-      ["--import", "tsx", "bin/ashmesh.ts", "up", "--once", "--dir", join(dir, "pki")],
-      {
-        stdio: ["ignore", "pipe", "pipe"],
-      },
-    );
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), 60_000);
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (err += d));
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, out, err });
-    });
-  });
-}
+/** `ashmesh up --once` with its PKI in DIR, given a minute: it starts six sidecars and their apps. */
+const up = (dir: string) => ashmeshCli(["up", "--once", "--dir", join(dir, "pki")], { timeoutMs: 60_000 });
 
 t.test("the post crosses gateway, auth, boards, media, moderation and search", async (t) => {
   const dir = mkdtempSync(join(tmpdir(), "ashmesh-up-"));

@@ -1,43 +1,21 @@
 // Helpers for the certs-* tests: the real `ashmesh certs` command (spawned asynchronously, so
 // sidecars in this process keep serving while it runs), openssl, and in-process calls of
 // bin/certs.ts `main` with its output captured.
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { main } from "../../bin/certs.js";
 import { exitCodeFor } from "../../bin/cli.js";
+import { ashmeshCli, type Ran, run } from "./run.js";
 
 export interface Tap {
   teardown(fn: () => unknown): void;
 }
 
-export interface Ran {
-  code: number | null;
-  out: string;
-  err: string;
-}
-
-/** Runs a command with a 20 s bound (killed after), stdin closed unless `input` is given. */
-export function run(cmd: string, args: string[], options: { input?: string; cwd?: string } = {}): Promise<Ran> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"], cwd: options.cwd ?? process.cwd() });
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), 20_000);
-    child.stdout.on("data", (d) => (out += d));
-    child.stderr.on("data", (d) => (err += d));
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolve({ code, out, err });
-    });
-    child.stdin.end(options.input);
-  });
-}
-
-/** `ashmesh certs ARGS` as a real process (bin/ashmesh.ts through tsx). */
+/** `ashmesh certs ARGS` as a real process. */
 export function certsCli(args: string[]): Promise<Ran> {
-  return run(process.execPath, ["--import", "tsx", "bin/ashmesh.ts", "certs", ...args]);
+  return ashmeshCli(["certs", ...args]);
 }
 
 /** bin/certs.ts `main` in this process, its lines captured and errors mapped to exit codes as the CLI does. */
@@ -54,8 +32,17 @@ export async function certs(args: string[]): Promise<Ran> {
 export const hasOpenssl = spawnSync("openssl", ["version"]).status === 0;
 
 export function openssl(args: string[], input?: string): Promise<Ran> {
-  return run("openssl", args, input === undefined ? {} : { input });
+  return run("openssl", args, { input });
 }
+
+/** openssl ARGS that must succeed: throws with openssl's complaint otherwise. */
+export async function opensslOk(args: string[], options: { cwd?: string } = {}): Promise<void> {
+  const r = await run("openssl", args, options);
+  if (r.code !== 0) throw new Error(`openssl ${args.join(" ")}: ${r.err}`);
+}
+
+/** The part of `openssl req` that makes a new, unencrypted ECDSA P-256 key. */
+export const NEW_P256_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
 
 export function tempDir(t: Tap, prefix = "ashmesh-certs-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));

@@ -1,12 +1,12 @@
 // Helpers for the tests of the operations files (compose/prometheus, compose/grafana,
 // compose/systemd): find and run the real tools (promtool, systemd-analyze), and read metric
 // names out of PromQL and out of Prometheus text.
-import { spawn } from "node:child_process";
 import { accessSync, constants, readFileSync } from "node:fs";
-import { delimiter, join, resolve } from "node:path";
+import { delimiter, join } from "node:path";
 import { parse as parseYaml } from "yaml";
+import { ROOT, type RunOptions, run as runCommand } from "./run.js";
 
-export const ROOT = resolve(import.meta.dirname, "../..");
+export { ROOT };
 export const at = (...parts: string[]) => join(ROOT, ...parts);
 
 /** The absolute path of an executable on PATH, or null. */
@@ -50,41 +50,10 @@ export interface RunResult {
   output: string;
 }
 
-/** Runs a command to its end (no shell), with optional stdin; never rejects on a non-zero exit. */
-export function run(
-  command: string,
-  args: string[],
-  options: { input?: string; cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
-): Promise<RunResult> {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(command, args, {
-      cwd: options.cwd ?? ROOT,
-      env: options.env ?? process.env,
-      stdio: [options.input === undefined ? "ignore" : "pipe", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeoutMs ?? 20_000);
-    child.stdout?.on("data", (d: Buffer) => {
-      stdout += d.toString("utf8");
-    });
-    child.stderr?.on("data", (d: Buffer) => {
-      stderr += d.toString("utf8");
-    });
-    child.on("error", (err) => {
-      clearTimeout(timer);
-      reject(err);
-    });
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolvePromise({ code, stdout, stderr, output: `${stdout}${stderr}` });
-    });
-    if (options.input !== undefined) {
-      // A command that exits before reading all of its input is judged by its exit, not by EPIPE.
-      child.stdin?.on("error", () => {});
-      child.stdin?.end(options.input);
-    }
-  });
+/** lib/run.ts's `run`, its output under the names these tests use and also together. */
+export async function run(command: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
+  const { code, out, err } = await runCommand(command, args, options);
+  return { code, stdout: out, stderr: err, output: `${out}${err}` };
 }
 
 /** Runs `fn` over `items` with at most `limit` at a time, results in order. */
