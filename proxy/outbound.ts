@@ -22,8 +22,14 @@ import { clientSecureContext, failureReason, isTlsFailure } from "./tls.js";
 interface Route {
   upstream: Upstream;
   pool: Pool;
-  recorder: RequestRecorder;
-  edge: EdgeCounter;
+  /**
+   * The route's metrics and edge. A configured upstream or an exact `destinations` entry has them
+   * from the start: the configuration bounds them. A name that only matched a wildcard gets them
+   * once a server proved that identity: until then it is only a name the app asked for, and a
+   * label per such name would let an app (or a typo loop) grow the metrics, /edges and the pools
+   * without bound (DESIGN §4: labels stay bounded).
+   */
+  labels: { recorder: RequestRecorder; edge: EdgeCounter } | null;
 }
 
 /** The pools and the client context of one identity; replaced whole when the identity changes. */
@@ -52,14 +58,25 @@ function originForm(target: string): string {
 export class Outbound {
   private readonly servers: http.Server[] = [];
   private readonly destinations: IdentityMatcher;
+  /** Names the configuration itself bounds: `destinations` entries without a wildcard, `resolve` keys. */
+  private readonly exactDestinations: Set<string>;
   private generation: Generation;
   private retired: Generation[] = [];
   private identity: Identity;
   private draining = false;
+  /** Requests to wildcard destinations no server has proved (see Route.labels): one label. */
+  private readonly unverified: RequestRecorder;
 
   constructor(private readonly deps: OutboundDeps) {
     this.identity = deps.identity;
+    this.unverified = deps.metrics.recorder("outbound", "unverified");
     this.destinations = compileMatcher(deps.config.outbound.destinations);
+    this.exactDestinations = new Set(
+      [
+        ...deps.config.outbound.destinations.filter((d) => !d.includes("*")),
+        ...Object.keys(deps.config.outbound.resolve),
+      ].map((d) => d.toLowerCase()),
+    );
     this.generation = this.newGeneration(deps.identity);
     const { outbound } = deps.config;
     if (outbound.listen) this.servers.push(this.createServer(null));
@@ -142,29 +159,42 @@ export class Outbound {
   }
 
   /** The route (pool, metrics, edge) for an upstream in the current generation; made on first use. */
-  private route(upstream: Upstream): Route {
+  private route(upstream: Upstream, wildcard: boolean): Route {
     const generation = this.generation;
     let route = generation.routes.get(upstream);
     if (!route) {
-      const edge = this.deps.edges.edge({
-        direction: "outbound",
-        src: this.deps.config.service.name,
-        dst: upstream.label,
-        src_identity: this.identity.client.summary.identity,
-        dst_identity: upstream.identity,
-      });
-      route = {
-        upstream,
-        pool: this.createPool(upstream, generation.context, edge),
-        recorder: this.deps.metrics.recorder("outbound", upstream.identity),
-        edge,
-      };
+      const made: Route = { upstream, pool: undefined as unknown as Pool, labels: null };
+      made.pool = this.createPool(upstream, generation.context, () => this.labelsOf(made));
+      if (!wildcard) this.labelsOf(made);
+      route = made;
       generation.routes.set(upstream, route);
     }
     return route;
   }
 
-  private createPool(upstream: Upstream, context: SecureContext, edge: EdgeCounter): Pool {
+  /** The recorder and edge of a route, made on first use. */
+  private labelsOf(route: Route): { recorder: RequestRecorder; edge: EdgeCounter } {
+    if (!route.labels) {
+      const { upstream } = route;
+      route.labels = {
+        recorder: this.deps.metrics.recorder("outbound", upstream.identity),
+        edge: this.deps.edges.edge({
+          direction: "outbound",
+          src: this.deps.config.service.name,
+          dst: upstream.label,
+          src_identity: this.identity.client.summary.identity,
+          dst_identity: upstream.identity,
+        }),
+      };
+    }
+    return route.labels;
+  }
+
+  private createPool(
+    upstream: Upstream,
+    context: SecureContext,
+    labels: () => { recorder: RequestRecorder; edge: EdgeCounter },
+  ): Pool {
     const { limits } = this.deps.config;
     const { metrics, logger } = this.deps;
     const identity = this.identity;
@@ -179,7 +209,7 @@ export class Outbound {
           socket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
           const version = socket.getProtocol() ?? "unknown";
           const cipher = socket.getCipher()?.standardName ?? "unknown";
-          edge.tls(version, cipher);
+          labels().edge.tls(version, cipher);
           logger.info({
             event: "mtls_handshake_complete",
             client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
@@ -238,7 +268,7 @@ export class Outbound {
       if (!path.startsWith("/")) path = originForm(path);
     }
     if (this.draining) res.shouldKeepAlive = false;
-    const route = this.route(upstream);
+    const route = this.route(upstream, fixed === null && !this.exactDestinations.has(upstream.identity));
     forward(req, res, {
       dispatcher: route.pool,
       target: upstream.label,
@@ -247,8 +277,20 @@ export class Outbound {
       headers: forwardRequestHeaders(req.rawHeaders, req.headers.connection, [], host),
       timeoutMs: this.deps.config.limits.upstreamTimeoutMs,
       done: (status) => {
-        route.recorder.record(status, (performance.now() - started) / 1000);
-        route.edge.hit();
+        const seconds = (performance.now() - started) / 1000;
+        if (route.labels) {
+          route.labels.recorder.record(status, seconds);
+          route.labels.edge.hit();
+          return;
+        }
+        // A wildcard name no server has proved (it does not resolve, refuses, or failed the
+        // handshake): one shared label, and the route is dropped so made-up names cost nothing.
+        this.unverified.record(status, seconds);
+        if (this.generation.routes.get(route.upstream) === route) {
+          this.generation.routes.delete(route.upstream);
+          this.upstreams.delete(route.upstream.identity);
+          void route.pool.close();
+        }
       },
     });
   }

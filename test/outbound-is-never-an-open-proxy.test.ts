@@ -83,3 +83,45 @@ t.test("CONNECT and https:// targets are refused with a reason", async (t) => {
   t.equal(https.status, 400);
   t.match(https.body, /call the service over http:\/\//);
 });
+
+t.test("names no server proved add no metric series, edge or pool", async (t) => {
+  const p = await pki(t);
+  const backend = await app(t);
+  const auth = await sidecar(t, p, "auth.ashchan.local", {
+    inbound: { app: backend.url },
+    outbound: { enabled: false },
+  });
+  // Every *.ashchan.local is a destination; only auth is real. The made-up names are not in the
+  // configuration and do not resolve, as when an app loops over typos or attacker-chosen names.
+  const made = Array.from({ length: 12 }, (_, i) => `nope-${i}.ashchan.local`);
+  const gw = await sidecar(t, p, "gateway.ashchan.local", {
+    inbound: { enabled: false },
+    outbound: {
+      destinations: ["*.ashchan.local"],
+      resolve: { "auth.ashchan.local": `127.0.0.1:${auth.inboundPort}` },
+    },
+  });
+  for (const name of made) {
+    const res = await viaProxy(gw.outboundPort, `http://${name}/`);
+    // 502 when the lookup fails, 504 when the resolver does not answer within the connect timeout.
+    t.ok(res.status === 502 || res.status === 504, `${name}: ${res.status}`);
+  }
+  t.equal((await viaProxy(gw.outboundPort, "http://auth.ashchan.local/api/v1/verify")).status, 200);
+
+  const metrics = await gw.metrics();
+  t.notMatch(metrics, /nope-\d+/, "no series names a destination that no server proved");
+  const unverified = ["502", "504"]
+    .map((code) => sample(metrics, "mtls_requests_total", { direction: "outbound", peer: "unverified", code }))
+    .reduce((a, b) => a + b, 0);
+  t.equal(unverified, made.length, "each counted under the one label peer=unverified");
+  t.equal(
+    sample(metrics, "mtls_requests_total", { direction: "outbound", peer: "auth.ashchan.local", code: "200" }),
+    1,
+  );
+  const edges = (await (await fetch(`${gw.adminUrl}/edges`)).json()) as Array<{ dst: string }>;
+  t.same(
+    edges.map((e) => e.dst),
+    ["auth.ashchan.local:8443"].map((d) => d.replace("8443", String(auth.inboundPort))),
+    "only the proved edge is listed",
+  );
+});
