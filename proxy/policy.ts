@@ -75,7 +75,8 @@ export function compileMatcher(entries: readonly string[]): IdentityMatcher {
   for (const entry of entries) {
     if (entry === "*") matcher.any = true;
     else if (entry.startsWith("*.")) matcher.suffixes.push(entry.slice(1).toLowerCase());
-    else matcher.exact.add(entry.startsWith("spiffe:") ? entry : entry.toLowerCase());
+    // DNS names compare without case; a URI (spiffe://…, any scheme) is kept as written, as its SAN is.
+    else matcher.exact.add(entry.includes("://") ? entry : entry.toLowerCase());
   }
   return matcher;
 }

@@ -120,3 +120,13 @@ t.test("XFCC in Envoy's format, values with separators quoted", async (t) => {
     `By=auth.ashchan.local;Hash=${"ab".repeat(32)};Subject="CN=gw,O=A \\"B\\", C";URI=spiffe://ashchan.local/gw;DNS=gateway.ashchan.local`,
   );
 });
+
+t.test("a URI entry keeps its case, as the certificate's URI SAN does; DNS names ignore case", async (t) => {
+  const uri = peer("media.ashchan.local", { uris: ["https://ashchan.local/Services/Media"] });
+  t.equal(authorize(compilePolicy({ allow: ["https://ashchan.local/Services/Media"] }), uri, "GET", "/").allowed, true);
+  t.equal(
+    authorize(compilePolicy({ allow: ["https://ashchan.local/services/media"] }), uri, "GET", "/").allowed,
+    false,
+  );
+  t.equal(authorize(compilePolicy({ allow: ["MEDIA.ashchan.local"] }), uri, "GET", "/").allowed, true);
+});
