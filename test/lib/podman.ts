@@ -1,6 +1,9 @@
 // Helpers for the tests that run the mesh in Podman containers: build the images with the
 // project's own scripts, drive podman-compose with compose/podman-compose.yml, and probe the
 // containers' network from a container of its own (what a workload on the mesh network sees).
+import { mkdirSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { at, type RunResult, run, tool } from "./ops.js";
 
 export const podman = tool("podman", "podman");
@@ -26,14 +29,54 @@ export function podmanRun(args: string[], options: { env?: NodeJS.ProcessEnv; ti
   return run("podman", args, { env: options.env ?? podmanEnv(), timeoutMs: options.timeoutMs ?? 60_000 });
 }
 
+/**
+ * Runs `fn` while holding a lock shared by the test processes of this machine: tap runs test
+ * files in parallel, and two image builds at once would replace each other's tags midway.
+ */
+async function withBuildLock<T>(fn: () => Promise<T>): Promise<T> {
+  const lock = join(tmpdir(), "ashmesh-test-image-build.lock");
+  const deadline = Date.now() + 900_000;
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      // A lock left by a killed run is older than any build.
+      if (Date.now() - statSync(lock).mtimeMs > 900_000) rmSync(lock, { recursive: true, force: true });
+      if (Date.now() > deadline) throw new Error(`waited 15 min for ${lock}`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
+}
+
 /** Builds the local base (no registry needed) and the ashmesh image, as the README says. */
-export async function buildImages(): Promise<RunResult> {
-  const base = await run("sh", [at("compose/podman/build-base.sh"), BASE], { env: podmanEnv(), timeoutMs: 300_000 });
-  if (base.code !== 0) return base;
-  return run("sh", [at("compose/build-image.sh"), "--base", BASE, "--tag", IMAGE], {
-    env: podmanEnv(),
-    timeoutMs: 600_000,
+export function buildImages(): Promise<RunResult> {
+  return withBuildLock(async () => {
+    const base = await run("sh", [at("compose/podman/build-base.sh"), BASE], {
+      env: podmanEnv(),
+      timeoutMs: 300_000,
+    });
+    if (base.code !== 0) return base;
+    return run("sh", [at("compose/build-image.sh"), "--base", BASE, "--tag", IMAGE], {
+      env: podmanEnv(),
+      timeoutMs: 600_000,
+    });
   });
+}
+
+export const SYSTEMD_IMAGE = "localhost/ashmesh-systemd:latest";
+
+/** A Debian 12 image with systemd as init (test/fixtures/build-systemd-image.sh), made once. */
+export function buildSystemdImage(): Promise<RunResult> {
+  return withBuildLock(() =>
+    run("sh", [at("test/fixtures/build-systemd-image.sh"), SYSTEMD_IMAGE], { env: podmanEnv(), timeoutMs: 600_000 }),
+  );
 }
 
 export function compose(project: string, env: NodeJS.ProcessEnv, args: string[], timeoutMs = 300_000) {
