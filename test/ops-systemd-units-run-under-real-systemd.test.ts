@@ -4,10 +4,11 @@
 // stop` drains and ends in success; all with the unit's hardening (system-call filter, read-only
 // system, private namespaces) in force.
 //
-// One thing differs from a host: inside a container, systemd cannot give a credential to a
-// DynamicUser= service (even `systemd-run -p DynamicUser=yes -p LoadCredential=...` is refused
-// its own credential directory here), so a drop-in replaces DynamicUser= and LoadCredential=
-// with root and the certificate paths. Everything else is the unit as shipped.
+// One thing differs from a host: in this container the credential directories systemd makes stay
+// root:root 0700 (the sandbox has no ACLs), so no non-root service can read its credentials (even
+// `systemd-run -p User=nobody -p LoadCredential=x:/etc/hostname cat ...` is refused). A drop-in
+// therefore replaces DynamicUser= and LoadCredential= with root and the certificate paths.
+// Everything else is the unit as shipped.
 import { chmodSync, readFileSync, symlinkSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
