@@ -11,11 +11,11 @@ export class UsageError extends Error {
 
 export const USAGE = `ashmesh — mTLS sidecar proxy for service meshes on Podman and systemd
 
-  ashmesh proxy   --config FILE                  run one sidecar (MTLS_*/SERVICE_* env also works)
+  ashmesh proxy   [--config FILE]                run one sidecar (MTLS_*/SERVICE_* env override the file)
   ashmesh up      [--mesh FILE] [--once]         the whole mesh on this machine, no containers
   ashmesh certs   init|issue|issue-all|revoke|rotate|renew|inspect ...   the development CA
   ashmesh check   [--config FILE | --mesh FILE]  verify a sidecar's files, or every edge of a mesh
-  ashmesh edges   URL...                         edges seen by sidecars (admin URLs)
+  ashmesh edges   URL... | --mesh FILE [--json]  edges seen by sidecars (admin URLs)
 
 Run \`ashmesh <command> --help\` for a command's options.`;
 

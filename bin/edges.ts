@@ -7,7 +7,7 @@ import { parse, UsageError } from "./cli.js";
 import { defaultMeshFile } from "./up.js";
 
 const HELP = `ashmesh edges URL...            admin URLs of sidecars, e.g. http://127.0.10.1:9901
-ashmesh edges --mesh [FILE]      every sidecar of a mesh file run by \`ashmesh up\`
+ashmesh edges --mesh FILE        every sidecar of a mesh file run by \`ashmesh up\`
   [--json]                       the merged rows as JSON
 
 SECURED is √ when both ends presented verified certificates over TLS 1.2+.`;

@@ -9,7 +9,6 @@ export type ProxyErrorCode =
   | "method_not_allowed"
   | "forbidden"
   | "destination_not_allowed"
-  | "draining"
   | "app_unavailable"
   | "app_timeout"
   | "peer_unavailable"
@@ -29,7 +28,6 @@ const STATUS: Record<ProxyErrorCode, number> = {
   peer_identity_mismatch: 502,
   peer_tls_failed: 502,
   peer_revoked: 502,
-  draining: 503,
   app_timeout: 504,
   peer_timeout: 504,
 };
