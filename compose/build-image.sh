@@ -76,10 +76,14 @@ cp "$root/package.json" "$context/"
 mkdir -p "$context/compose"
 cp "$root/compose/mesh.yaml" "$context/compose/"
 
+previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 echo "build-image: podman build --build-arg BASE=$base -t $tag"
 podman build --quiet --build-arg "BASE=$base" -f "$here/Containerfile" -t "$tag" "$context" >/dev/null ||
   {
     echo "build-image: podman build failed (FROM $base: pull it first, or build a local base with compose/podman/build-base.sh and pass --base localhost/ashmesh-base:latest)" >&2
     exit 1
   }
+# The image this one replaces is left untagged: remove it unless a container still uses it.
+current=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then podman rmi "$previous" >/dev/null 2>&1 || true; fi
 echo "build-image: $tag built from $base"

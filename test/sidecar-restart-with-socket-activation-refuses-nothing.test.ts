@@ -55,10 +55,26 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
     ],
     { stdio: ["pipe", "pipe", "inherit"] },
   );
-  // SIGTERM: the stand-in, like systemd, takes the sidecar down with it.
-  t.teardown(() => supervisor.kill("SIGTERM"));
+  // SIGTERM: the stand-in, like systemd, takes the sidecar down with it. The sidecars it started
+  // are also killed here directly: a stray one would keep the test run's output pipe open.
+  const sidecars: number[] = [];
+  t.teardown(() => {
+    supervisor.kill("SIGTERM");
+    for (const pid of sidecars) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+  });
   const replies = createInterface({ input: supervisor.stdout as NodeJS.ReadableStream })[Symbol.asyncIterator]();
-  const reply = async () => String((await replies.next()).value);
+  const reply = async () => {
+    const line = String((await replies.next()).value);
+    const started = /^started (\d+)$/.exec(line);
+    if (started) sidecars.push(Number(started[1]));
+    return line;
+  };
   const port = Number((await reply()).split(" ")[1]);
   const listening = () =>
     readFileSync(log, "utf8")
