@@ -434,6 +434,12 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
     public current: Identity,
     private readonly paths: IdentityPaths,
     private readonly dnsName: string,
+    /**
+     * The last word before an identity is taken: throws (an IdentityError) when the listeners
+     * could not use it, e.g. a key OpenSSL refuses at the configured security level. Without it,
+     * such an identity would be half taken: recorded here, refused by the TLS context.
+     */
+    private readonly usable: (next: Identity) => void = () => {},
     private readonly debounceMs = 75,
     private readonly settleMs = 400,
   ) {
@@ -507,6 +513,7 @@ export class IdentityStore extends EventEmitter<IdentityStoreEvents> {
       !next.client.certPem.equals(previous.client.certPem) || !next.client.keyPem.equals(previous.client.keyPem);
     const trustChanged = next.trustHash !== previous.trustHash;
     if (!serverChanged && !clientChanged && !trustChanged) return false;
+    this.usable(next);
     this.current = next;
     this.emit("change", { trigger, previous, next, trustChanged, serverChanged, clientChanged });
     return true;

@@ -14,6 +14,7 @@ import { createLogger, type Logger } from "./log.js";
 import { Metrics } from "./metrics.js";
 import { Outbound } from "./outbound.js";
 import { inheritedSockets } from "./systemd.js";
+import { assertUsable } from "./tls.js";
 
 export interface SidecarOptions {
   /** Where log lines go (default stdout). */
@@ -56,7 +57,9 @@ export class Sidecar {
     private readonly options: SidecarOptions,
   ) {
     this.logger = logger;
-    this.identity = new IdentityStore(identity, config.tls, config.service.dnsName);
+    this.identity = new IdentityStore(identity, config.tls, config.service.dnsName, (next) =>
+      assertUsable(next, config.tls),
+    );
     this.metrics = new Metrics(
       {
         certificates: () => {
@@ -110,6 +113,7 @@ export class Sidecar {
         ...(options.logDestination ? { destination: options.logDestination } : {}),
       });
     const identity = await loadIdentity(config.tls, { dnsName: config.service.dnsName });
+    assertUsable(identity, config.tls);
     return new Sidecar(config, identity, logger, options);
   }
 

@@ -4,7 +4,7 @@
 import type { X509Certificate } from "node:crypto";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
-import { chainToCa, type Identity, pemBlocks } from "./identity.js";
+import { chainToCa, type Identity, IdentityError, type IdentityField, pemBlocks } from "./identity.js";
 import type { FailureReason } from "./metrics.js";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
 
@@ -128,6 +128,43 @@ export function serverTlsOptions(identity: Identity, config: Config["tls"]): tls
     ciphers: config.ciphers.join(":"),
     honorCipherOrder: true,
   };
+}
+
+/**
+ * Throws an IdentityError naming the file when OpenSSL would refuse a part of `identity` in the
+ * contexts the listeners build (a key too small for the security level, a weak signature, a CRL
+ * it cannot parse): validation in identity.ts checks what a mesh needs, this checks what OpenSSL
+ * takes. Parts first, so that the error names the right file; then the contexts as built.
+ */
+export function assertUsable(identity: Identity, config: Config["tls"]): void {
+  const base = { minVersion: config.minVersion, ciphers: config.ciphers.join(":") };
+  const parts: Array<[IdentityField, string, tls.SecureContextOptions]> = [
+    ["tls.cert", config.cert, { cert: identity.server.certPem, key: identity.server.keyPem }],
+    [
+      "tls.clientCert",
+      config.clientCert ?? config.cert,
+      { cert: identity.client.certPem, key: identity.client.keyPem },
+    ],
+    ["tls.ca", config.ca, { ca: identity.ca.pem }],
+    ["tls.crl", config.crl ?? config.ca, { ca: identity.ca.pem, ...crlOption(identity) }],
+  ];
+  for (const [field, file, options] of parts) {
+    try {
+      tls.createSecureContext({ ...base, ...options });
+    } catch (err) {
+      throw new IdentityError(field, file, `OpenSSL refuses it: ${(err as Error).message}`);
+    }
+  }
+  try {
+    tls.createSecureContext(serverTlsOptions(identity, config));
+    clientSecureContext(identity, config);
+  } catch (err) {
+    throw new IdentityError(
+      "tls.cert",
+      config.cert,
+      `OpenSSL refuses the identity as a whole: ${(err as Error).message}`,
+    );
+  }
 }
 
 /** One client context per identity, shared by every outbound connection (building one costs ~1 ms). */
