@@ -187,6 +187,17 @@ function checkLeaf(
       `does not chain to any CA in tls.ca (issuer: ${rfc2253(leaf.issuer)})`,
     );
   }
+  for (const cert of chain) {
+    const weak = weakSignature(cert);
+    if (weak) {
+      const which = cert === leaf ? "the certificate" : `the intermediate ${rfc2253(cert.subject)}`;
+      throw new IdentityError(
+        fields.cert,
+        paths.cert,
+        `${which} is signed with ${weak}, which TLS peers refuse: reissue it with SHA-256`,
+      );
+    }
+  }
   const eku = leaf.keyUsage; // Node names the extended key usage OIDs "keyUsage"
   const wanted = role === "server" ? EKU_SERVER : EKU_CLIENT;
   if (eku && eku.length > 0 && !eku.includes(wanted)) {
@@ -203,6 +214,36 @@ function checkLeaf(
     warnings.push(`${fields.cert} (${paths.cert}): ${message}; peers will see another identity`);
   }
   return { chain, certPem, keyPem, summary: summarize(leaf), peer };
+}
+
+/** Signature algorithms OpenSSL 3 refuses at its default security level, by OID (DER bytes, hex). */
+const WEAK_SIGNATURES = new Map([
+  ["2a864886f70d010104", "MD5"], // md5WithRSAEncryption
+  ["2a864886f70d010105", "SHA-1"], // sha1WithRSAEncryption
+  ["2a8648ce3d0401", "SHA-1"], // ecdsa-with-SHA1
+  ["2a8648ce380403", "SHA-1"], // dsa-with-sha1
+]);
+
+/**
+ * The weak hash a certificate is signed with, or null. Node does not expose the signature
+ * algorithm, so it is read from the DER: Certificate ::= SEQUENCE { tbsCertificate,
+ * signatureAlgorithm SEQUENCE { OID, ... }, signature }.
+ */
+export function weakSignature(cert: X509Certificate): string | null {
+  const der = cert.raw;
+  const header = (at: number): { body: number; end: number } => {
+    const first = der[at + 1] ?? 0;
+    if (first < 0x80) return { body: at + 2, end: at + 2 + first };
+    let length = 0;
+    for (let i = 0; i < (first & 0x7f); i++) length = length * 256 + (der[at + 2 + i] ?? 0);
+    return { body: at + 2 + (first & 0x7f), end: at + 2 + (first & 0x7f) + length };
+  };
+  const outer = header(0);
+  const tbs = header(outer.body);
+  const algorithm = header(tbs.end);
+  const oid = header(algorithm.body);
+  if (der[algorithm.body] !== 0x06) return null;
+  return WEAK_SIGNATURES.get(der.subarray(oid.body, oid.end).toString("hex")) ?? null;
 }
 
 function checkKeyMode(field: IdentityField, file: string, warnings: string[]): void {
