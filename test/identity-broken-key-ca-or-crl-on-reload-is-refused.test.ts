@@ -132,6 +132,25 @@ async function authWithApp(t: Test, p: Pki) {
   return { backend, auth };
 }
 
+/** Runs `change` and waits until the sidecar took a new CA bundle or CRL into use, counted as ok. */
+async function trustReloaded(t: Test, auth: RunningSidecar, what: string, change: () => unknown): Promise<void> {
+  const okBefore = await okReloads(auth);
+  const reloadedBefore = auth.logs.events("cert_reloaded").length;
+  await change();
+  t.ok(
+    await eventually(
+      () =>
+        auth.logs
+          .events("cert_reloaded")
+          .slice(reloadedBefore)
+          .some((l) => l.trust_changed === true),
+      3_000,
+    ),
+    `${what} is reloaded (trust changed)`,
+  );
+  t.ok((await okReloads(auth)) > okBefore, 'counted as mtls_cert_reloads_total{result="ok"}');
+}
+
 t.test("a broken key is refused: the last good identity keeps serving, the next rotation is taken", async (t) => {
   const p = await pki(t);
   const ca = p.read(p.trust.ca);
@@ -217,21 +236,9 @@ t.test("a broken CA bundle is refused: the mesh CA stays trusted, a foreign CA s
 
   // A good bundle again, written in place: the mesh CA and the foreign one. Taken into use: the
   // foreign client, refused under the last good bundle, is now accepted.
-  const okBefore = await okReloads(auth);
-  const reloadedBefore = auth.logs.events("cert_reloaded").length;
-  write(p.trust.ca, `${ca.toString("utf8").trim()}\n${foreignCa}`, "in place");
-  t.ok(
-    await eventually(
-      () =>
-        auth.logs
-          .events("cert_reloaded")
-          .slice(reloadedBefore)
-          .some((l) => l.trust_changed === true),
-      3_000,
-    ),
-    "the good bundle is reloaded (trust changed)",
+  await trustReloaded(t, auth, "the good bundle", () =>
+    write(p.trust.ca, `${ca.toString("utf8").trim()}\n${foreignCa}`, "in place"),
   );
-  t.ok((await okReloads(auth)) > okBefore, 'counted as mtls_cert_reloads_total{result="ok"}');
   t.equal((await status(auth)).identity.ca.length, 2, "/status shows both CAs");
   t.match(await statusLine(auth.inboundPort, rogue), /^HTTP\/1\.1 200/, "the foreign CA's client is now accepted");
   await mesh("after the good bundle");
@@ -287,21 +294,7 @@ t.test("a broken CRL is refused: a certificate revoked by the last good CRL stay
   }
 
   // A good CRL again (the dev CA revokes search and writes its CRL by rename): taken into use.
-  const okBefore = await okReloads(auth);
-  const reloadedBefore = auth.logs.events("cert_reloaded").length;
-  await p.ca.revoke("search.ashchan.local");
-  t.ok(
-    await eventually(
-      () =>
-        auth.logs
-          .events("cert_reloaded")
-          .slice(reloadedBefore)
-          .some((l) => l.trust_changed === true),
-      3_000,
-    ),
-    "the good CRL is reloaded (trust changed)",
-  );
-  t.ok((await okReloads(auth)) > okBefore, 'counted as mtls_cert_reloads_total{result="ok"}');
+  await trustReloaded(t, auth, "the good CRL", () => p.ca.revoke("search.ashchan.local"));
   await check("after the good CRL", { search: true });
 });
 

@@ -10,13 +10,12 @@
 // therefore replaces DynamicUser= and LoadCredential= with root and the certificate paths.
 // Everything else is the unit as shipped.
 import { chmodSync, readFileSync, symlinkSync } from "node:fs";
-import net from "node:net";
 import { join } from "node:path";
 import t from "tap";
 import { certs, tempDir } from "./lib/certs.js";
 import { GET, rawTls, sleep } from "./lib/mesh.js";
 import { at, tool } from "./lib/ops.js";
-import { buildImages, buildSystemdImage, IMAGE, podmanRun, podmanSkip, SYSTEMD_IMAGE } from "./lib/podman.js";
+import { buildImages, buildSystemdImage, freePort, IMAGE, podmanRun, podmanSkip, SYSTEMD_IMAGE } from "./lib/podman.js";
 
 t.setTimeout(900_000);
 
@@ -33,14 +32,6 @@ User=root
 LoadCredential=
 Environment=MTLS_CERT_FILE=/etc/mtls/%i/server.crt MTLS_KEY_FILE=/etc/mtls/%i/server.key
 `;
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 t.test("the units under a real systemd", { skip }, async (t) => {
   for (const [what, build] of [

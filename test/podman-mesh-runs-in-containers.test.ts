@@ -10,7 +10,6 @@
 // - a revoked certificate is refused within seconds.
 import { X509Certificate } from "node:crypto";
 import { chownSync, readdirSync, readFileSync } from "node:fs";
-import net from "node:net";
 import { join } from "node:path";
 import t from "tap";
 import { request as undiciRequest } from "undici";
@@ -22,6 +21,7 @@ import { at } from "./lib/ops.js";
 import {
   buildImages,
   compose,
+  freePort,
   type ProbeStep,
   podmanEnv,
   podmanRun,
@@ -44,14 +44,6 @@ interface HopReport {
   caller: string | null;
   xfcc: string | null;
   calls: Array<{ to: string; status: number; error?: string; answer?: HopReport }>;
-}
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 async function logsOf(container: string): Promise<string> {
