@@ -13,7 +13,7 @@ import { chmodSync, readFileSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { certs, tempDir } from "./lib/certs.js";
-import { GET, rawTls, sleep } from "./lib/mesh.js";
+import { GET, rawTls, sleep, steadyLoad } from "./lib/mesh.js";
 import { at, tool } from "./lib/ops.js";
 import { buildImages, buildSystemdImage, freePort, IMAGE, podmanRun, podmanSkip, SYSTEMD_IMAGE } from "./lib/podman.js";
 
@@ -147,18 +147,7 @@ t.test("the units under a real systemd", { skip }, async (t) => {
   t.match(first.data, /^HTTP\/1\.1 200 [\s\S]*auth app$/, "a request crosses the sidecar");
 
   await t.test("systemctl restart under load refuses no connection", async (t) => {
-    const results: Array<{ at: number; ok: boolean; error: string | null }> = [];
-    let running = true;
-    const load = async () => {
-      const end = Date.now() + 60_000;
-      while (running && Date.now() < end) {
-        const at = Date.now();
-        const r = await rawTls(port, creds, GET);
-        results.push({ at, ok: r.data.startsWith("HTTP/1.1 200"), error: r.error });
-        await sleep(10);
-      }
-    };
-    const loads = [load(), load()];
+    const load = steadyLoad(port, creds, { gapMs: 10, maxMs: 60_000 });
     await sleep(1_000);
     const pids = [await mainPid()];
     const restartsAt: number[] = [];
@@ -169,8 +158,7 @@ t.test("the units under a real systemd", { skip }, async (t) => {
       pids.push(await mainPid());
       await sleep(1_000);
     }
-    running = false;
-    await Promise.all(loads);
+    const results = await load.stop();
     t.equal(new Set(pids).size, 3, `three processes served in turn (${pids.join(", ")})`);
     t.ok(results.length > 50, `requests flowed (${results.length})`);
     t.same(

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import t from "tap";
 import { inheritedSockets } from "../proxy/systemd.js";
-import { app, GET, pki, rawTls, sleep } from "./lib/mesh.js";
+import { app, pki, sleep, steadyLoad } from "./lib/mesh.js";
 import { writeYaml } from "./lib/spawn.js";
 
 const hasPerl = spawnSync("perl", ["-MIO::Socket::INET", "-e", "1"]).status === 0;
@@ -95,18 +95,7 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
     ca: p.read(p.trust.ca),
     servername: "auth.ashchan.local",
   };
-  const results: Array<{ at: number; ok: boolean; error: string | null }> = [];
-  let running = true;
-  const load = async () => {
-    const end = Date.now() + 30_000;
-    while (running && Date.now() < end) {
-      const at = Date.now();
-      const r = await rawTls(port, creds, GET);
-      results.push({ at, ok: r.data.startsWith("HTTP/1.1 200"), error: r.error });
-      await sleep(15);
-    }
-  };
-  const loads = [load(), load()];
+  const load = steadyLoad(port, creds, { gapMs: 15, maxMs: 30_000 });
   await sleep(800);
 
   const stopAt = Date.now();
@@ -117,8 +106,7 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
   t.ok(await waitListening(2), "the new sidecar took over the same socket");
   const startedAt = Date.now();
   await sleep(800);
-  running = false;
-  await Promise.all(loads);
+  const results = await load.stop();
 
   const failed = results.filter((r) => !r.ok);
   t.ok(results.length > 40, `requests flowed (${results.length})`);

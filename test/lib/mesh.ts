@@ -275,3 +275,40 @@ export async function eventually(check: () => boolean | Promise<boolean>, ms = 3
   }
   return check();
 }
+
+export interface LoadResult {
+  at: number;
+  ok: boolean;
+  error: string | null;
+}
+
+/**
+ * Steady requests over new TLS connections (GET, expecting 200) from `workers` loops, each
+ * pausing `gapMs` between requests, until `stop()` or `maxMs`: for "this change fails nothing".
+ */
+export function steadyLoad(
+  port: number,
+  creds: tls.ConnectionOptions,
+  options: { workers?: number; gapMs?: number; maxMs?: number } = {},
+): { results: LoadResult[]; stop: () => Promise<LoadResult[]> } {
+  const results: LoadResult[] = [];
+  let running = true;
+  const end = Date.now() + (options.maxMs ?? 60_000);
+  const loop = async () => {
+    while (running && Date.now() < end) {
+      const at = Date.now();
+      const r = await rawTls(port, creds, GET);
+      results.push({ at, ok: r.data.startsWith("HTTP/1.1 200"), error: r.error });
+      await sleep(options.gapMs ?? 10);
+    }
+  };
+  const loops = Array.from({ length: options.workers ?? 2 }, loop);
+  return {
+    results,
+    stop: async () => {
+      running = false;
+      await Promise.all(loops);
+      return results;
+    },
+  };
+}
