@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-import { exitCodeFor, run } from "./cli.js";
+import { exitCodeFor } from "./args.js";
+import { run } from "./cli.js";
 
 run(process.argv.slice(2)).then(
   (code) => {

@@ -7,7 +7,7 @@ import { withLock } from "../certs-dev/lock.js";
 import { DEFAULT_THRESHOLD, renew } from "../certs-dev/renew.js";
 import { DEFAULT_PKI_DIR, DevCa, type IssuedRecord } from "../certs-dev/store.js";
 import { loadMesh } from "../config/mesh.js";
-import { parse, UsageError } from "./cli.js";
+import { parse, UsageError } from "./args.js";
 
 const HELP = `ashmesh certs <verb> [options]        (every verb takes --dir DIR, default ${DEFAULT_PKI_DIR})
 

@@ -2,17 +2,17 @@
 // line per check, a hint under each ×, exit 1 when any check failed.
 //   --config FILE   one sidecar's configuration and files
 //   --mesh FILE     every edge of a running mesh, over the network, with the dev CA's certificates
-import { createPrivateKey } from "node:crypto";
-import { readFileSync, statSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import tls from "node:tls";
 import { DEFAULT_PKI_DIR, DevCa } from "../certs-dev/store.js";
 import { ConfigError, loadConfig } from "../config/load.js";
 import { edges, loadMesh, type Mesh, type MeshService } from "../config/mesh.js";
 import type { Config } from "../config/schema.js";
-import { crlIssuer, parseCrl } from "../proxy/crl.js";
-import { chainToCa, IdentityError, parseCertificates, summarize } from "../proxy/identity.js";
-import { parse, UsageError } from "./cli.js";
-import { defaultMeshFile } from "./up.js";
+import { identityNotices, validateIdentity } from "../proxy/identity.js";
+import { assertUsable } from "../proxy/tls.js";
+import { subjectAltNames } from "../proxy/x509.js";
+import { parse, UsageError } from "./args.js";
+import { defaultMeshFile } from "./local-mesh.js";
 
 const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files
 ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
@@ -58,16 +58,6 @@ class Report {
 
 const DAY_MS = 86_400_000;
 
-/** Runs fn; an exception is a failed check with its message. */
-function attempt<T>(report: Report, label: string, fn: () => T, hint?: string): T | undefined {
-  try {
-    return fn();
-  } catch (err) {
-    report.fail(`${label}: ${err instanceof IdentityError ? err.reason : (err as Error).message}`, hint);
-    return undefined;
-  }
-}
-
 async function checkConfig(file: string, report: Report): Promise<void> {
   report.section("configuration");
   let config: Config;
@@ -93,98 +83,27 @@ async function checkConfig(file: string, report: Report): Promise<void> {
     report.fail("inbound.allow is not set: any identity the mesh CA signed may call", "list the callers (MTLS_ALLOW)");
   else report.ok(`allow-list: ${config.inbound.allow.join(", ") || "nobody"}`);
 
-  const t = config.tls;
+  // The sidecar's own validator and OpenSSL's verdict: exactly what `ashmesh proxy` would refuse or warn about.
   report.section("identity files");
-  const caCerts = attempt(report, `tls.ca (${t.ca})`, () => parseCertificates("tls.ca", t.ca, readable(t.ca)));
-  if (caCerts) report.ok(`tls.ca: ${caCerts.map((c) => summarize(c).subject).join(" + ")}`);
-  const leaves: Array<[string, string, string, "serverAuth" | "clientAuth"]> = [
-    [t.cert, t.key, "tls.cert", "serverAuth"],
-  ];
-  if (t.clientCert !== t.cert || t.clientKey !== t.key)
-    leaves.push([t.clientCert, t.clientKey, "tls.clientCert", "clientAuth"]);
-  for (const [certFile, keyFile, field, eku] of leaves) {
-    const chain = attempt(report, `${field} (${certFile})`, () =>
-      parseCertificates("tls.cert", certFile, readable(certFile)),
-    );
-    if (!chain?.[0]) continue;
-    const leaf = chain[0];
-    const s = summarize(leaf);
-    report.ok(`${field} readable: ${s.subject}, serial ${s.serial}`);
-    const key = attempt(
-      report,
-      `key ${keyFile}`,
-      () => createPrivateKey(readable(keyFile)),
-      "the key must be PEM, unencrypted",
-    );
-    if (key) {
-      const mode = statSync(keyFile).mode & 0o777;
-      if (mode & 0o077)
-        report.fail(`key ${keyFile} has mode ${mode.toString(8).padStart(4, "0")}`, `chmod 600 ${keyFile}`);
-      else report.ok(`key ${keyFile} is private (mode ${mode.toString(8).padStart(4, "0")})`);
-      if (leaf.checkPrivateKey(key)) report.ok("key matches the certificate");
-      else report.fail(`key ${keyFile} does not match ${certFile}`, "reissue, or point tls.key at the right file");
-    }
-    if (caCerts) {
-      if (chainToCa(leaf, chain.slice(1), caCerts)) report.ok("certificate chains to a CA in tls.ca");
-      else report.fail(`certificate issuer ${s.issuer} is not in tls.ca`, "openssl verify -CAfile <tls.ca> <cert>");
-    }
-    const days = Math.floor((s.notAfter.getTime() - Date.now()) / DAY_MS);
-    if (Date.now() < s.notBefore.getTime()) report.fail(`certificate not valid before ${s.notBefore.toISOString()}`);
-    else if (days < 0) report.fail(`certificate expired on ${s.notAfter.toISOString()}`, "ashmesh certs renew");
-    else if (days < 30)
-      report.fail(
-        `certificate expires in ${days} days (${s.notAfter.toISOString().slice(0, 10)})`,
-        "ashmesh certs renew",
-      );
-    else report.ok(`certificate valid until ${s.notAfter.toISOString().slice(0, 10)} (${days} days)`);
-    if (s.dns.includes(config.service.dnsName.toLowerCase()))
-      report.ok(`SAN includes service.dnsName ${config.service.dnsName}`);
-    else
-      report.fail(
-        `no DNS SAN ${config.service.dnsName} (SANs: ${[...s.dns, ...s.uris].join(", ") || "none"})`,
-        `ashmesh certs issue ${config.service.dnsName}`,
-      );
-    const ekus = leaf.keyUsage ?? [];
-    const wanted = field === "tls.cert" && leaves.length === 1 ? ["serverAuth", "clientAuth"] : [eku];
-    const oid = { serverAuth: "1.3.6.1.5.5.7.3.1", clientAuth: "1.3.6.1.5.5.7.3.2" } as const;
-    const missing = wanted.filter((w) => ekus.length > 0 && !ekus.includes(oid[w as keyof typeof oid]));
-    if (missing.length === 0) report.ok(`EKU allows ${wanted.join(" and ")}`);
-    else report.fail(`EKU lacks ${missing.join(" and ")}`, "reissue with extendedKeyUsage=serverAuth,clientAuth");
+  const { identity, findings } = await validateIdentity(config.tls, { dnsName: config.service.dnsName });
+  for (const f of findings) {
+    if (f.level === "ok") report.ok(f.message);
+    else report.fail(`${f.field} (${f.file}): ${f.message}`, f.hint);
   }
-
-  if (t.crl) {
-    report.section("revocation");
-    const crlFile = t.crl;
-    const pem = attempt(report, `tls.crl (${crlFile})`, () => readable(crlFile));
-    if (pem && caCerts) {
-      const blocks = pem.toString("latin1").match(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g) ?? [];
-      if (blocks.length === 0) report.fail(`tls.crl (${crlFile}) holds no PEM "X509 CRL" block`);
-      for (const block of blocks) {
-        const crl = await parseCrl(block);
-        const issuer = await crlIssuer(crl, caCerts);
-        if (!issuer) {
-          report.fail(`CRL of ${crl.issuer} is not signed by a CA in tls.ca`);
-          continue;
-        }
-        const days = crl.nextUpdate ? (crl.nextUpdate.getTime() - Date.now()) / DAY_MS : Number.POSITIVE_INFINITY;
-        if (days < 0)
-          report.fail(
-            `CRL of ${summarize(issuer).subject} is past its nextUpdate (${crl.nextUpdate?.toISOString()}): every peer of this CA is refused`,
-            "ashmesh certs renew (re-signs the CRL)",
-          );
-        else if (days < 2)
-          report.fail(`CRL of ${summarize(issuer).subject} expires in ${days.toFixed(1)} days`, "ashmesh certs renew");
-        else
-          report.ok(
-            `CRL of ${summarize(issuer).subject} is fresh (next update in ${Math.floor(days)} days, ${crl.revoked.size} revoked)`,
-          );
-      }
-    }
+  if (!identity) return;
+  try {
+    assertUsable(identity, config.tls);
+    report.ok(`OpenSSL accepts the identity with ${config.tls.minVersion} and ${config.tls.ciphers.join(", ")}`);
+  } catch (err) {
+    report.fail((err as Error).message);
   }
-}
-
-function readable(file: string): Buffer {
-  return readFileSync(file);
+  const now = new Date();
+  for (const leaf of new Set([identity.server, identity.client])) {
+    const s = leaf.summary;
+    const days = Math.floor((s.notAfter.getTime() - now.getTime()) / DAY_MS);
+    report.ok(`certificate ${s.subject} valid until ${s.notAfter.toISOString().slice(0, 10)} (${days} days)`);
+  }
+  for (const notice of identityNotices(identity, now)) report.fail(notice.message, notice.hint);
 }
 
 /** Connects to host:port with optional credentials, sends one request, reads the answer head. */
@@ -228,7 +147,10 @@ function probe(
       result.handshake = true;
       if (!socket.authorized) result.error = `server certificate did not verify: ${socket.authorizationError}`;
       const cert = socket.getPeerX509Certificate();
-      if (cert) result.serverIds = [...summarize(cert).dns, ...summarize(cert).uris];
+      if (cert) {
+        const { dns, uris } = subjectAltNames(cert);
+        result.serverIds = [...dns, ...uris];
+      }
       socket.write(
         `GET /health HTTP/1.1\r\nhost: ${servername}\r\nuser-agent: ashmesh-check\r\nconnection: close\r\n\r\n`,
       );

@@ -1,13 +1,6 @@
-// The command line: parses argv, dispatches to the modules below, maps errors to exit codes
-// (0 fine, 1 a check or the run failed, 2 bad usage or bad configuration).
+// The command line: dispatches argv to the module of each command (one file per command; what
+// they share is in args.ts).
 import { readFileSync } from "node:fs";
-import { type ParseArgsConfig, parseArgs } from "node:util";
-import { ConfigError } from "../config/load.js";
-import { IdentityError } from "../proxy/identity.js";
-
-export class UsageError extends Error {
-  readonly code = "ASHMESH_USAGE";
-}
 
 export const USAGE = `ashmesh — mTLS sidecar proxy for service meshes on Podman and systemd
 
@@ -56,19 +49,4 @@ export async function run(argv: string[]): Promise<number> {
     return 2;
   }
   return (await load())(rest);
-}
-
-/** parseArgs whose errors are UsageErrors (exit 2). */
-export function parse<const T extends ParseArgsConfig>(config: T): ReturnType<typeof parseArgs<T>> {
-  try {
-    return parseArgs(config);
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-}
-
-export function exitCodeFor(err: unknown): number {
-  if (err instanceof UsageError || err instanceof ConfigError || err instanceof IdentityError) return 2;
-  if ((err as { code?: string }).code === "ASHMESH_CA") return 2;
-  return 1;
 }

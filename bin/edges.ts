@@ -3,8 +3,8 @@
 
 import { loadMesh } from "../config/mesh.js";
 import type { Edge } from "../proxy/edges.js";
-import { parse, UsageError } from "./cli.js";
-import { defaultMeshFile } from "./up.js";
+import { parse, UsageError } from "./args.js";
+import { defaultMeshFile } from "./local-mesh.js";
 
 const HELP = `ashmesh edges URL...            admin URLs of sidecars, e.g. http://127.0.10.1:9901
 ashmesh edges --mesh FILE        every sidecar of a mesh file run by \`ashmesh up\`

@@ -2,7 +2,7 @@
 // SIGHUP (systemctl reload) reloads the identity files.
 import { loadConfig } from "../config/load.js";
 import { Sidecar } from "../proxy/sidecar.js";
-import { parse } from "./cli.js";
+import { parse } from "./args.js";
 
 const HELP = `ashmesh proxy [--config FILE]
 

@@ -10,8 +10,9 @@
 import { X509Certificate } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
 import { dirname } from "node:path";
+import { commonName, subjectOf } from "../proxy/x509.js";
 import { createCa, type KeyPairPem, keyAlgorithm } from "./pki.js";
-import { CaError, type CaRecord, DevCa, isCurrent, subjectOf, writeAtomic } from "./store.js";
+import { CaError, type CaRecord, DevCa, isCurrent, writeAtomic } from "./store.js";
 
 export type RollPhase = "none" | "begun" | "switched";
 export const PHASES = ["begin", "switch", "finish"] as const;
@@ -64,15 +65,11 @@ export async function begin(ca: DevCa, options: { days?: number } = {}, say: Say
   const oldPair = ca.signer();
   const kept = ca.caFiles({ serial: old.serial, status: "previous" });
   keep(old.serial, kept, oldPair);
-  const commonName =
-    new X509Certificate(oldPair.certPem).subject
-      .split("\n")
-      .find((l) => l.startsWith("CN="))
-      ?.slice(3) ?? "ashchan-ca";
+  const name = commonName(new X509Certificate(oldPair.certPem)) ?? "ashchan-ca";
   // Same CN, another OU: two CAs of one name would make the bundle, the CRLs and /status
   // ambiguous to read (and leave chain building to key identifiers alone).
   const created = await createCa({
-    commonName,
+    commonName: name,
     unit: `generation ${ca.cas.length + 1}`,
     days: options.days ?? 3650,
     algorithm: keyAlgorithm(oldPair.keyPem),

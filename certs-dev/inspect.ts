@@ -2,47 +2,50 @@
 // reads, from any PEM or DER file (ours, openssl's, another CA's). Node reads certificates;
 // @peculiar/x509 reads CRLs and the key usage bits, which Node does not expose. With --ca the
 // chain is checked, with --crl the revocation status, as a sidecar would check them.
-import "reflect-metadata";
-import { createPrivateKey, type KeyObject, webcrypto, X509Certificate } from "node:crypto";
+import { createPrivateKey, type KeyObject, X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import * as x509 from "@peculiar/x509";
-import { CaError, normalizeSerial, subjectOf } from "./store.js";
-
-x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
+import type * as X509 from "@peculiar/x509";
+import {
+  EKU_NAMES,
+  issuedBy,
+  issuerOf,
+  keyDescription,
+  nameToRfc2253,
+  normalizeSerial,
+  type Peculiar,
+  peculiar,
+  pemBlocks,
+  selfSigned,
+  serialOf,
+  subjectOf,
+} from "../proxy/x509.js";
+import { CaError } from "./store.js";
 
 const DAY_MS = 86_400_000;
-const PEM_BLOCK = /-----BEGIN ([A-Z0-9 ]+)-----([\s\S]+?)-----END \1-----/g;
-const EKU_NAMES: Record<string, string> = {
-  "1.3.6.1.5.5.7.3.1": "serverAuth",
-  "1.3.6.1.5.5.7.3.2": "clientAuth",
-  "1.3.6.1.5.5.7.3.3": "codeSigning",
-  "1.3.6.1.5.5.7.3.4": "emailProtection",
-  "1.3.6.1.5.5.7.3.8": "timeStamping",
-  "1.3.6.1.5.5.7.3.9": "OCSPSigning",
-};
-const KU_NAMES: Array<[number, string]> = [
-  [x509.KeyUsageFlags.digitalSignature, "digitalSignature"],
-  [x509.KeyUsageFlags.nonRepudiation, "nonRepudiation"],
-  [x509.KeyUsageFlags.keyEncipherment, "keyEncipherment"],
-  [x509.KeyUsageFlags.dataEncipherment, "dataEncipherment"],
-  [x509.KeyUsageFlags.keyAgreement, "keyAgreement"],
-  [x509.KeyUsageFlags.keyCertSign, "keyCertSign"],
-  [x509.KeyUsageFlags.cRLSign, "cRLSign"],
-  [x509.KeyUsageFlags.encipherOnly, "encipherOnly"],
-  [x509.KeyUsageFlags.decipherOnly, "decipherOnly"],
+/** Key usage bit names, in the order of their bits (RFC 5280 §4.2.1.3, @peculiar's KeyUsageFlags). */
+const KU_NAMES = [
+  "digitalSignature",
+  "nonRepudiation",
+  "keyEncipherment",
+  "dataEncipherment",
+  "keyAgreement",
+  "keyCertSign",
+  "cRLSign",
+  "encipherOnly",
+  "decipherOnly",
 ];
-const CURVES: Record<string, string> = { prime256v1: "P-256", secp384r1: "P-384", secp521r1: "P-521" };
 
 export interface Contents {
   certs: X509Certificate[];
-  crls: x509.X509Crl[];
+  crls: X509.X509Crl[];
   keys: KeyObject[];
   /** Things worth saying about the file itself (a PEM label OpenSSL does not read, ...). */
   notes: string[];
 }
 
 /** Every certificate, CRL and private key in a PEM file (any order), or one DER certificate or CRL. */
-export function readContents(file: string, role = "FILE"): Contents {
+export async function readContents(file: string, role = "FILE"): Promise<Contents> {
+  const x509 = await peculiar();
   let data: Buffer;
   try {
     data = readFileSync(file);
@@ -53,12 +56,10 @@ export function readContents(file: string, role = "FILE"): Contents {
     );
   }
   const out: Contents = { certs: [], crls: [], keys: [], notes: [] };
-  const blocks = [...data.toString("latin1").matchAll(PEM_BLOCK)];
+  const blocks = pemBlocks(data.toString("latin1"));
   const bad = (what: string, err: unknown) =>
     new CaError(`${role} ${file}: ${what} does not parse: ${(err as Error).message}`);
-  for (const [i, m] of blocks.entries()) {
-    const label = m[1] as string;
-    const der = Buffer.from((m[2] as string).replace(/^[A-Za-z-]+:.*$/gm, ""), "base64");
+  for (const [i, { label, der, text }] of blocks.entries()) {
     try {
       if (label === "CERTIFICATE") out.certs.push(new X509Certificate(der));
       else if (label === "X509 CRL" || label === "CRL") {
@@ -68,7 +69,7 @@ export function readContents(file: string, role = "FILE"): Contents {
             `PEM block #${i + 1} is labelled CRL: OpenSSL and Node read only "X509 CRL"; rename the BEGIN/END lines`,
           );
       } else if (label.endsWith("PRIVATE KEY") && label !== "ENCRYPTED PRIVATE KEY")
-        out.keys.push(createPrivateKey(m[0]));
+        out.keys.push(createPrivateKey(text));
       else out.notes.push(`PEM block #${i + 1} (${label}) is not shown`);
     } catch (err) {
       throw bad(`PEM block #${i + 1} (${label})`, err);
@@ -100,36 +101,7 @@ function daysLeft(notAfter: Date, now: Date): string {
   return `${Math.floor((notAfter.getTime() - now.getTime()) / DAY_MS)} day(s) left`;
 }
 
-function keyType(key: KeyObject): string {
-  const d = key.asymmetricKeyDetails ?? {};
-  switch (key.asymmetricKeyType) {
-    case "ec":
-      return `ECDSA ${CURVES[d.namedCurve ?? ""] ?? d.namedCurve ?? ""}`.trim();
-    case "rsa":
-    case "rsa-pss":
-      return `RSA ${d.modulusLength ?? "?"} bits`;
-    default:
-      return String(key.asymmetricKeyType);
-  }
-}
-
-/** The name as RFC 2253 (CN first), as index.json and the sidecar's /status write it. */
-function nameOf(name: x509.Name): string {
-  return name
-    .toJSON()
-    .map((rdn) =>
-      Object.entries(rdn)
-        .map(([k, v]) => `${k}=${v.join("+")}`)
-        .join("+"),
-    )
-    .reverse()
-    .join(",");
-}
-
-const serialOf = (cert: X509Certificate) => normalizeSerial(cert.serialNumber);
-const selfSigned = (cert: X509Certificate) => cert.checkIssued(cert) && cert.verify(cert.publicKey);
-
-function describeCertificate(cert: X509Certificate, title: string, now: Date): string[] {
+function describeCertificate(x509: Peculiar, cert: X509Certificate, title: string, now: Date): string[] {
   const notBefore = new Date(cert.validFrom);
   const notAfter = new Date(cert.validTo);
   const ext = new x509.X509Certificate(cert.raw);
@@ -143,30 +115,24 @@ function describeCertificate(cert: X509Certificate, title: string, now: Date): s
     title,
     `  subject:   ${subjectOf(cert)}`,
     `  SANs:      ${cert.subjectAltName?.replaceAll("IP Address:", "IP:") ?? "none"}`,
-    `  issuer:    ${cert.issuer.split("\n").filter(Boolean).reverse().join(",")}${selfSigned(cert) ? " (self-signed)" : ""}`,
+    `  issuer:    ${issuerOf(cert)}${selfSigned(cert) ? " (self-signed)" : ""}`,
     `  serial:    ${serialOf(cert)}`,
     `  valid:     ${day(notBefore)} to ${day(notAfter)}: ${validity}`,
     `  SHA-256:   ${cert.fingerprint256}`,
-    `  key:       ${keyType(cert.publicKey)}`,
-    `  key usage: ${
-      ku
-        ? KU_NAMES.filter(([bit]) => ku.usages & bit)
-            .map(([, n]) => n)
-            .join(", ")
-        : "not restricted"
-    }`,
+    `  key:       ${keyDescription(cert.publicKey)}`,
+    `  key usage: ${ku ? KU_NAMES.filter((_, bit) => ku.usages & (1 << bit)).join(", ") : "not restricted"}`,
     `  extended:  ${cert.keyUsage?.length ? cert.keyUsage.map((o) => EKU_NAMES[o] ?? o).join(", ") : "not restricted"}`,
     `  CA:        ${cert.ca ? `yes${basic?.pathLength !== undefined ? ` (path length ${basic.pathLength})` : ""}` : "no"}`,
   ];
 }
 
-function describeCrl(crl: x509.X509Crl, title: string, now: Date): string[] {
+function describeCrl(x509: Peculiar, crl: X509.X509Crl, title: string, now: Date): string[] {
   const number = crl.extensions.find((e) => e.type === "2.5.29.20");
   const next = crl.nextUpdate;
   const entries = crl.entries;
   const lines = [
     title,
-    `  issuer:      ${nameOf(crl.issuerName)}`,
+    `  issuer:      ${nameToRfc2253(crl.issuerName)}`,
     `  CRL number:  ${number ? crlNumber(number.value) : "none"}`,
     `  this update: ${day(crl.thisUpdate)}`,
     `  next update: ${next ? `${day(next)}: ${next < now ? "PAST: sidecars refuse this CRL and every peer of its CA; publish a fresh one (ashmesh certs renew)" : daysLeft(next, now)}` : "none"}`,
@@ -187,8 +153,6 @@ function crlNumber(der: ArrayBuffer): string {
     ? BigInt(`0x${bytes.subarray(2, 2 + (bytes[1] ?? 0)).toString("hex") || "0"}`).toString()
     : "?";
 }
-
-const issuedBy = (cert: X509Certificate, ca: X509Certificate) => cert.checkIssued(ca) && cert.verify(ca.publicKey);
 
 interface Check {
   ok: boolean;
@@ -227,7 +191,7 @@ function checkChain(
     const next = intermediates.find((i) => i !== current && i.ca && issuedBy(current, i));
     if (!next) {
       const sameName = bundle.find((ca) => ca.subject === current.issuer);
-      const issuer = current.issuer.split("\n").filter(Boolean).reverse().join(",");
+      const issuer = issuerOf(current);
       return fail(
         sameName
           ? `${subjectOf(current)} names issuer ${issuer}, but the CA of that name in ${bundleFile} (serial ${serialOf(sameName)}) did not sign it: another CA of the same name`
@@ -242,9 +206,10 @@ function checkChain(
 
 /** Revocation of every certificate of `path` but its root, as a sidecar checks it (every level). */
 async function checkRevocation(
+  x509: Peculiar,
   path: readonly X509Certificate[],
   known: readonly X509Certificate[],
-  crls: readonly x509.X509Crl[],
+  crls: readonly X509.X509Crl[],
   crlFile: string,
   now: Date,
 ): Promise<Check> {
@@ -254,7 +219,7 @@ async function checkRevocation(
     if (selfSigned(cert)) continue;
     const issuer = known.find((ca) => issuedBy(cert, ca));
     const name = new x509.X509Certificate(cert.raw).issuer;
-    const candidates: Array<{ crl: x509.X509Crl; verified: boolean }> = [];
+    const candidates: Array<{ crl: X509.X509Crl; verified: boolean }> = [];
     for (const crl of crls) {
       if (crl.issuer !== name) continue;
       const verified = issuer ? await crl.verify({ publicKey: new x509.X509Certificate(issuer.raw) }) : false;
@@ -266,7 +231,7 @@ async function checkRevocation(
     if (!newest) {
       ok = false;
       lines.push(
-        `  revocation${label}: UNKNOWN: ${crlFile} has no CRL of ${cert.issuer.split("\n").reverse().join(",")}${issuer ? " signed by that CA" : ""}; a sidecar would refuse the certificate`,
+        `  revocation${label}: UNKNOWN: ${crlFile} has no CRL of ${issuerOf(cert)}${issuer ? " signed by that CA" : ""}; a sidecar would refuse the certificate`,
       );
       continue;
     }
@@ -289,7 +254,7 @@ async function checkRevocation(
   return { ok, lines };
 }
 
-const thisUpdateText = (crl: x509.X509Crl) =>
+const thisUpdateText = (crl: X509.X509Crl) =>
   `${day(crl.thisUpdate)}${crl.nextUpdate ? `, next update ${day(crl.nextUpdate)}` : ""}`;
 
 export interface InspectResult {
@@ -303,10 +268,11 @@ export async function inspect(
   options: { ca?: string; crl?: string; now?: Date } = {},
 ): Promise<InspectResult> {
   const now = options.now ?? new Date();
-  const contents = readContents(file);
-  const bundle = options.ca ? readContents(options.ca, "--ca").certs : [];
+  const x509 = await peculiar();
+  const contents = await readContents(file);
+  const bundle = options.ca ? (await readContents(options.ca, "--ca")).certs : [];
   if (options.ca && bundle.length === 0) throw new CaError(`--ca ${options.ca}: no certificate in it`);
-  const crlList = options.crl ? readContents(options.crl, "--crl").crls : [];
+  const crlList = options.crl ? (await readContents(options.crl, "--crl")).crls : [];
   if (options.crl && crlList.length === 0) throw new CaError(`--crl ${options.crl}: no CRL in it`);
 
   const lines: string[] = [];
@@ -318,7 +284,7 @@ export async function inspect(
   const count = certs.length;
   for (const [i, cert] of certs.entries()) {
     const role = isBundle ? "CA" : i === 0 ? "leaf" : "intermediate CA";
-    lines.push(...describeCertificate(cert, `certificate ${i + 1} of ${count} (${role}) in ${file}`, now));
+    lines.push(...describeCertificate(x509, cert, `certificate ${i + 1} of ${count} (${role}) in ${file}`, now));
     if (!isBundle && i > 0) continue;
     const rest = isBundle ? [] : certs.slice(1);
     let path = [cert, ...rest];
@@ -329,7 +295,7 @@ export async function inspect(
       if (chain.ok) path = chain.path;
     }
     if (options.crl) {
-      const revocation = await checkRevocation(path, [...bundle, ...certs], crlList, options.crl, now);
+      const revocation = await checkRevocation(x509, path, [...bundle, ...certs], crlList, options.crl, now);
       lines.push(...revocation.lines);
       ok &&= revocation.ok;
     }
@@ -341,7 +307,7 @@ export async function inspect(
     }
   }
   for (const [i, crl] of crls.entries()) {
-    lines.push(...describeCrl(crl, `CRL ${i + 1} of ${crls.length} in ${file}`, now));
+    lines.push(...describeCrl(x509, crl, `CRL ${i + 1} of ${crls.length} in ${file}`, now));
     if (options.ca) {
       let signer: X509Certificate | undefined;
       for (const ca of bundle) {
@@ -360,7 +326,7 @@ export async function inspect(
   for (const key of keys) {
     const match = certs.find((c) => c.checkPrivateKey(key));
     lines.push(
-      `private key: ${keyType(key)}${match ? `, matches ${subjectOf(match)}` : certs.length ? ", matches no certificate in the file" : ""} (the key itself is not shown)`,
+      `private key: ${keyDescription(key)}${match ? `, matches ${subjectOf(match)}` : certs.length ? ", matches no certificate in the file" : ""} (the key itself is not shown)`,
     );
   }
   for (const note of contents.notes) lines.push(`note: ${note}`);

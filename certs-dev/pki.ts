@@ -1,16 +1,13 @@
 // The development CA's cryptography: root CA, service certificates and CRLs, made with
-// @peculiar/x509 on Node's WebCrypto. No files and no openssl child process here; store.ts
-// decides where things are written.
-import "reflect-metadata";
+// @peculiar/x509 (through proxy/x509.ts, which sets its provider) on Node's WebCrypto. No files
+// and no openssl child process here; store.ts decides where things are written.
 import { createPrivateKey, randomBytes, webcrypto, X509Certificate } from "node:crypto";
+import { isIP } from "node:net";
+import type * as X509 from "@peculiar/x509";
+import { peculiar } from "../proxy/x509.js";
 
 type CryptoKey = webcrypto.CryptoKey;
 type CryptoKeyPair = webcrypto.CryptoKeyPair;
-
-import { isIP } from "node:net";
-import * as x509 from "@peculiar/x509";
-
-x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
 const subtle = webcrypto.subtle;
 
 export type KeyAlgorithm = "ecdsa" | "rsa";
@@ -70,6 +67,7 @@ async function generateKeys(algorithm: KeyAlgorithm): Promise<CryptoKeyPair> {
 const line = (pem: string) => (pem.endsWith("\n") ? pem : `${pem}\n`);
 
 async function privateKeyPem(key: CryptoKey): Promise<string> {
+  const x509 = await peculiar();
   const der = await subtle.exportKey("pkcs8", key);
   return line(x509.PemConverter.encode(der, "PRIVATE KEY"));
 }
@@ -104,7 +102,7 @@ function fingerprint(certPem: string): string {
 /** A self-signed root CA: 10 years by default, may sign certificates and CRLs. */
 /** What createCa and issueCertificate hand back: the PEMs and what callers index them by. */
 async function issued(
-  cert: x509.X509Certificate,
+  cert: X509.X509Certificate,
   keys: CryptoKeyPair,
   serial: string,
   notBefore: Date,
@@ -128,6 +126,7 @@ export async function createCa(options: {
   days?: number;
   algorithm?: KeyAlgorithm;
 }): Promise<IssuedCertificate> {
+  const x509 = await peculiar();
   const algorithm = options.algorithm ?? "ecdsa";
   const keys = await generateKeys(algorithm);
   const serial = newSerial();
@@ -150,13 +149,14 @@ export async function createCa(options: {
 
 /** A service certificate for both ends of mTLS: EKU serverAuth + clientAuth, one year by default. */
 export async function issueCertificate(ca: KeyPairPem, request: IssueRequest): Promise<IssuedCertificate> {
+  const x509 = await peculiar();
   const caCert = new x509.X509Certificate(ca.certPem);
   const { key: caKey, algorithm: caAlgorithm } = await importSigningKey(ca.keyPem);
   const keys = await generateKeys(request.algorithm ?? "ecdsa");
   const serial = newSerial();
   const { notBefore, notAfter } = window(request.days ?? 365, request.notBefore);
 
-  const names: x509.JsonGeneralName[] = [];
+  const names: X509.JsonGeneralName[] = [];
   for (const dns of request.dns ?? [request.commonName]) names.push({ type: "dns", value: dns });
   for (const ip of request.ip ?? []) {
     if (isIP(ip) === 0) throw new Error(`IP SAN ${JSON.stringify(ip)} is not an IPv4 or IPv6 address`);
@@ -193,6 +193,7 @@ export async function createCrl(
   ca: KeyPairPem,
   options: { revoked: RevokedEntry[]; number: number; thisUpdate?: Date; nextUpdateDays?: number },
 ): Promise<string> {
+  const x509 = await peculiar();
   const caCert = new x509.X509Certificate(ca.certPem);
   const { key, algorithm } = await importSigningKey(ca.keyPem);
   const thisUpdate = options.thisUpdate ?? new Date(Date.now() - 60_000);

@@ -3,10 +3,9 @@
 // as the seed asks), which leaves 30 % for a failed run to be noticed and repeated. CRLs are
 // re-signed past half of their thisUpdate→nextUpdate window, because a sidecar refuses a CRL
 // past its nextUpdate and so would refuse every peer of that CA.
-import "reflect-metadata";
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import * as x509 from "@peculiar/x509";
+import { crlSignedBy, parseCrl, pemBlocks } from "../proxy/x509.js";
 import { type CaRecord, DevCa, type IssuedRecord, isCurrent } from "./store.js";
 
 export const DEFAULT_THRESHOLD = 0.7;
@@ -66,15 +65,15 @@ export async function readCrls(ca: DevCa): Promise<CrlState[]> {
   }
   const signers = ca.trustedCas().map((record) => ({
     record,
-    cert: new x509.X509Certificate(new X509Certificate(ca.caKeyPair(record).certPem).raw),
+    cert: new X509Certificate(ca.caKeyPair(record).certPem),
   }));
   const out: CrlState[] = [];
-  for (const m of text.matchAll(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----/g)) {
+  for (const block of pemBlocks(text, "X509 CRL")) {
     try {
-      const crl = new x509.X509Crl(m[0]);
+      const crl = await parseCrl(block.der);
       for (const s of signers) {
-        if (await crl.verify({ publicKey: s.cert })) {
-          out.push({ caSerial: s.record.serial, thisUpdate: crl.thisUpdate, nextUpdate: crl.nextUpdate ?? null });
+        if (await crlSignedBy(crl, s.cert)) {
+          out.push({ caSerial: s.record.serial, thisUpdate: crl.thisUpdate, nextUpdate: crl.nextUpdate });
           break;
         }
       }

@@ -18,6 +18,7 @@ import {
   writeFileSync,
 } from "node:fs";
 import { dirname, join } from "node:path";
+import { normalizeSerial, subjectOf } from "../proxy/x509.js";
 import {
   createCa,
   createCrl,
@@ -108,25 +109,6 @@ function ownerOf(path: string): { uid: number; gid: number } | null {
   } catch {
     return null;
   }
-}
-
-/**
- * A serial as a user may type it: any case, with colons or spaces (`openssl x509 -text`), a
- * `serial=` prefix (`openssl x509 -serial`) or 0x; returned as lower-case hex without leading zeros.
- */
-export function normalizeSerial(text: string): string {
-  return text
-    .trim()
-    .replace(/^serial\s*=\s*/i, "")
-    .replace(/^0x/i, "")
-    .replace(/[\s:]/g, "")
-    .toLowerCase()
-    .replace(/^0+(?=.)/, "");
-}
-
-/** Node's multi-line subject as RFC 2253 (CN first), as the sidecar's /status shows it. */
-export function subjectOf(cert: X509Certificate): string {
-  return cert.subject.split("\n").filter(Boolean).reverse().join(",");
 }
 
 /** Current: the newest certificate of its name, not revoked. */

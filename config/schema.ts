@@ -147,6 +147,16 @@ export const configSchema = z.strictObject({
       upstreamTimeoutMs: positiveMs.default(30_000),
       drainTimeoutMs: positiveMs.default(15_000),
       upstreamConnections: z.number().int().positive().default(64),
+      // TCP + TLS to a peer (outbound) or TCP to the app (inbound) must be up within this.
+      connectTimeoutMs: positiveMs.default(5_000),
+      // An idle pooled connection to a peer or the app is closed after this (unless the server says less).
+      upstreamKeepAliveMs: positiveMs.default(4_000),
+      // TCP keep-alive probes on connections to peers start after this much silence.
+      tcpKeepAliveMs: positiveMs.default(60_000),
+      // File events within this window make one reload (a rotation writes key and cert in turn).
+      reloadDebounceMs: positiveMs.default(75),
+      // A reload triggered by files that fails is tried once more after this, before it counts as failed.
+      reloadRetryMs: positiveMs.default(400),
     })
     .prefault({}),
   log: z

@@ -1,14 +1,18 @@
 // The one place that maps a failure to what the caller gets: status, a stable code, a JSON body
-// that names it. Code elsewhere creates ProxyErrors or passes raw errors to fromUpstreamError.
-import type { ServerResponse } from "node:http";
-import { failureReason } from "./tls.js";
+// that names it, and the `x-ashmesh-error` header. Code elsewhere creates ProxyErrors (or passes
+// raw errors to fromUpstreamError) and hands them to sendError, or, on a socket no HTTP response
+// object exists for (parse errors, CONNECT, upgrades), to writeSocketError.
+import { type ServerResponse, STATUS_CODES } from "node:http";
+import type { Duplex } from "node:stream";
+import { failureReason, PeerRefusedError } from "./tls.js";
 
 export type ProxyErrorCode =
   | "bad_request"
   | "non_canonical_path"
-  | "method_not_allowed"
   | "forbidden"
   | "destination_not_allowed"
+  | "method_not_allowed"
+  | "not_implemented"
   | "app_unavailable"
   | "app_timeout"
   | "peer_unavailable"
@@ -23,6 +27,7 @@ const STATUS: Record<ProxyErrorCode, number> = {
   forbidden: 403,
   destination_not_allowed: 403,
   method_not_allowed: 405,
+  not_implemented: 501,
   app_unavailable: 502,
   peer_unavailable: 502,
   peer_identity_mismatch: 502,
@@ -42,6 +47,11 @@ export class ProxyError extends Error {
     super(message);
     this.name = "ProxyError";
     this.status = STATUS[code];
+  }
+
+  /** The JSON body every answer of the sidecar's own carries. */
+  body(): string {
+    return JSON.stringify({ error: this.code, message: this.message, ...this.extra });
   }
 }
 
@@ -63,11 +73,16 @@ export function fromUpstreamError(err: unknown, side: "app" | "peer", target: st
     );
   }
   if (side === "peer") {
-    const reason = failureReason(code);
-    if (reason === "bad_san" || reason === "bad_pin") return new ProxyError("peer_identity_mismatch", e.message, extra);
-    if (reason === "revoked") {
-      return new ProxyError("peer_revoked", `the certificate of ${target} is revoked by our CRL`, extra);
+    if (err instanceof PeerRefusedError) {
+      const { reason } = err.refusal;
+      if (reason === "bad_san" || reason === "bad_pin")
+        return new ProxyError("peer_identity_mismatch", e.message, extra);
+      if (reason === "revoked") {
+        return new ProxyError("peer_revoked", `the certificate of ${target} is revoked by our CRL`, extra);
+      }
+      return new ProxyError("peer_tls_failed", `TLS with ${target} failed: ${e.message}`, extra);
     }
+    const reason = failureReason(code);
     if (reason !== "other") {
       return new ProxyError("peer_tls_failed", `TLS with ${target} failed: ${reason} (${code}): ${e.message}`, extra);
     }
@@ -91,12 +106,43 @@ export function sendError(res: ServerResponse, error: ProxyError): void {
     res.destroy(error);
     return;
   }
-  const body = JSON.stringify({ error: error.code, message: error.message, ...error.extra });
+  const body = error.body();
   res.writeHead(error.status, {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
     "x-ashmesh-error": error.code,
-    ...(error.status === 503 ? { connection: "close" } : {}),
   });
   res.end(body);
+}
+
+/**
+ * The same answer written on a bare socket, which is then closed: for requests Node's HTTP server
+ * hands over without a response object (a parse error, CONNECT, an upgrade).
+ */
+export function writeSocketError(socket: Duplex, error: ProxyError): void {
+  if (!socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const body = error.body();
+  socket.end(
+    `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? ""}\r\n` +
+      "content-type: application/json\r\n" +
+      `content-length: ${Buffer.byteLength(body)}\r\n` +
+      `x-ashmesh-error: ${error.code}\r\n` +
+      "connection: close\r\n\r\n" +
+      body,
+  );
+}
+
+/** Node's HTTP server could not parse a request (its `clientError` event): answer 400 and close. */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  if (err.code === "ECONNRESET") {
+    socket.destroy();
+    return;
+  }
+  writeSocketError(
+    socket,
+    new ProxyError("bad_request", `the request could not be parsed (${err.code ?? err.message})`),
+  );
 }

@@ -8,13 +8,16 @@ import tls, { type TLSSocket } from "node:tls";
 import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
 import type { EdgeCounter, Edges } from "./edges.js";
-import { ProxyError, sendError } from "./errors.js";
+import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
 import { forward, forwardRequestHeaders } from "./forward.js";
-import { chainToCa, type Identity, type IdentityChange, isRevoked, summarize } from "./identity.js";
+import { PendingHandshakes } from "./handshakes.js";
+import { type Identity, isRevoked } from "./identity.js";
+import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
 import type { Metrics, RequestRecorder } from "./metrics.js";
 import { authorize, compilePolicy, type Policy } from "./policy.js";
 import { classifyInbound, failureReason, type PeerTls, serverTlsOptions } from "./tls.js";
+import { chainToCa, sha256Of } from "./x509.js";
 import { XFCC, xfccValue } from "./xfcc.js";
 
 /** What a verified (or, with verifyClient: false, unauthenticated) connection carries. */
@@ -27,7 +30,6 @@ interface Connection {
 }
 
 const kConnection = Symbol("ashmesh.connection");
-const kAccepted = Symbol("ashmesh.acceptedAt");
 type InboundSocket = TLSSocket & { [kConnection]?: Connection };
 
 export interface InboundDeps {
@@ -44,6 +46,7 @@ export class Inbound {
   private readonly app: Pool;
   private readonly policy: Policy;
   private readonly connections = new Set<InboundSocket>();
+  private readonly handshakes = new PendingHandshakes();
   private identity: Identity;
   private draining = false;
 
@@ -53,10 +56,10 @@ export class Inbound {
     this.policy = compilePolicy(config.inbound);
     this.app = new Pool(config.inbound.app, {
       connections: config.limits.upstreamConnections,
-      keepAliveTimeout: 4_000,
+      keepAliveTimeout: config.limits.upstreamKeepAliveMs,
       headersTimeout: config.limits.upstreamTimeoutMs,
       bodyTimeout: config.limits.upstreamTimeoutMs,
-      connect: { timeout: 5_000 },
+      connect: { timeout: config.limits.connectTimeoutMs },
     });
 
     this.tlsServer = tls.createServer({
@@ -81,16 +84,11 @@ export class Inbound {
     );
     // Clients that speak HTTP upgrade (WebSocket) are not proxied yet: answer instead of hanging.
     this.httpServer.on("upgrade", (_req, socket: Socket) => {
-      socket.end("HTTP/1.1 501 Not Implemented\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+      writeSocketError(socket, new ProxyError("not_implemented", "HTTP upgrade (WebSocket) is not proxied"));
     });
-    this.httpServer.on("clientError", (err: NodeJS.ErrnoException, socket: Socket) => {
-      if (err.code === "ECONNRESET" || !socket.writable) return socket.destroy();
-      socket.end("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
-    });
+    this.httpServer.on("clientError", answerClientError);
 
-    this.tlsServer.on("connection", (raw: Socket & { [kAccepted]?: number }) => {
-      raw[kAccepted] = performance.now();
-    });
+    this.tlsServer.on("connection", (raw: Socket) => this.handshakes.accepted(raw));
     this.tlsServer.on("secureConnection", (socket: InboundSocket) => this.onSecureConnection(socket));
     this.tlsServer.on("tlsClientError", (err: NodeJS.ErrnoException, socket: TLSSocket) =>
       this.onTlsError(err, socket),
@@ -123,6 +121,7 @@ export class Inbound {
 
   private onSecureConnection(socket: InboundSocket): void {
     const { metrics, logger, config } = this.deps;
+    const seconds = this.handshakes.settled(socket);
     const state = classifyInbound(socket, config.inbound.verifyClient, this.identity.ca.certs);
     const remote = socket.remoteAddress ?? "unknown";
     if (state.kind === "refused") {
@@ -138,8 +137,7 @@ export class Inbound {
       socket.destroy();
       return;
     }
-    const acceptedAt = (socket as unknown as { _parent?: { [kAccepted]?: number } })._parent?.[kAccepted];
-    metrics.handshakeOk("inbound", acceptedAt ? (performance.now() - acceptedAt) / 1000 : 0);
+    metrics.handshakeOk("inbound", seconds ?? 0);
     const ours = this.identity.server.summary.identity;
     const label = state.kind === "verified" ? state.peer.primary : "unauthenticated";
     const connection: Connection = {
@@ -180,6 +178,7 @@ export class Inbound {
   }
 
   private onTlsError(err: NodeJS.ErrnoException, socket: TLSSocket): void {
+    this.handshakes.settled(socket);
     // A TCP connect that sends nothing (a port probe, a health check) is not a handshake.
     if (err.code === "ECONNRESET" && socket.bytesRead === 0) return;
     const reason = failureReason(err.code);
@@ -288,8 +287,8 @@ export class Inbound {
       if (isRevoked(next, peer.serial)) reason = "revoked";
       else {
         // The CA the peer chained to directly; peers behind intermediates keep their connection.
-        const anchor = chainToCa(cert, [], previous.ca.certs);
-        if (anchor && !trusted.has(summarize(anchor).sha256)) reason = "ca_no_longer_trusted";
+        const anchor = cert && chainToCa(cert, [], previous.ca.certs);
+        if (anchor && !trusted.has(sha256Of(anchor))) reason = "ca_no_longer_trusted";
       }
       if (!reason) continue;
       if (reason === "revoked") this.deps.metrics.revokedConnections.inc({ direction: "inbound" });

@@ -18,7 +18,6 @@ export type FailureReason =
   | "bad_signature"
   | "protocol"
   | "timeout"
-  | "refused"
   | "other";
 
 export interface CertGaugeSource {

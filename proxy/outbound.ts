@@ -11,13 +11,14 @@ import type { Config } from "../config/schema.js";
 import { parseHostPort } from "../config/schema.js";
 import { mtlsConnector, type Upstream } from "./connector.js";
 import type { EdgeCounter, Edges } from "./edges.js";
-import { ProxyError, sendError } from "./errors.js";
+import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
 import { forward, forwardRequestHeaders } from "./forward.js";
-import type { Identity, IdentityChange } from "./identity.js";
+import type { Identity } from "./identity.js";
+import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
 import type { Metrics, RequestRecorder } from "./metrics.js";
 import { compileMatcher, type IdentityMatcher, matchesName } from "./policy.js";
-import { clientSecureContext, failureReason, isTlsFailure } from "./tls.js";
+import { clientSecureContext, failureReason, isTlsFailure, PeerRefusedError } from "./tls.js";
 
 interface Route {
   upstream: Upstream;
@@ -119,19 +120,18 @@ export class Outbound {
     server.maxConnections = limits.maxConnections;
     server.on("connect", (_req, socket: Socket) => {
       // HTTPS through the proxy would be TLS inside TLS and unauthenticated to us: refuse clearly.
-      const body =
-        '{"error":"method_not_allowed","message":"CONNECT is not supported: call http://<service>/ and the sidecar adds mTLS"}';
-      socket.end(
-        `HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
+      writeSocketError(
+        socket,
+        new ProxyError(
+          "method_not_allowed",
+          "CONNECT is not supported: call http://<service>/ and the sidecar adds mTLS",
+        ),
       );
     });
     server.on("upgrade", (_req, socket: Socket) => {
-      socket.end("HTTP/1.1 501 Not Implemented\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+      writeSocketError(socket, new ProxyError("not_implemented", "HTTP upgrade (WebSocket) is not proxied"));
     });
-    server.on("clientError", (err: NodeJS.ErrnoException, socket: Socket) => {
-      if (err.code === "ECONNRESET" || !socket.writable) return socket.destroy();
-      socket.end("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
-    });
+    server.on("clientError", answerClientError);
     return server;
   }
 
@@ -203,28 +203,26 @@ export class Outbound {
       context,
       identity.ca.certs,
       {
-        connected: (socket, seconds) => {
+        connected: (socket, state, seconds) => {
           metrics.handshakeOk("outbound", seconds);
           metrics.openConnections.inc({ direction: "outbound" });
           socket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
-          const version = socket.getProtocol() ?? "unknown";
-          const cipher = socket.getCipher()?.standardName ?? "unknown";
-          labels().edge.tls(version, cipher);
+          labels().edge.tls(state.version, state.cipher);
           logger.info({
             event: "mtls_handshake_complete",
             client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
             server_cn: upstream.identity,
-            tls_version: version,
-            cipher_suite: cipher,
+            tls_version: state.version,
+            cipher_suite: state.cipher,
             direction: "outbound",
             remote_addr: `${upstream.host}:${upstream.port}`,
-            resumed: socket.isSessionReused(),
+            resumed: state.resumed,
           });
         },
         failed: (err) => {
-          const code = (err as NodeJS.ErrnoException).code;
-          if (!isTlsFailure(code)) return; // TCP and DNS failures are not handshakes
-          const reason = failureReason(code);
+          if (!isTlsFailure(err)) return; // TCP and DNS failures are not handshakes
+          const reason =
+            err instanceof PeerRefusedError ? err.refusal.reason : failureReason((err as NodeJS.ErrnoException).code);
           metrics.handshakeFailed("outbound", reason);
           logger.warn({
             event: "mtls_handshake_failed",
@@ -236,12 +234,12 @@ export class Outbound {
           });
         },
       },
-      5_000,
+      limits,
     );
     return new Pool(`https://${upstream.identity}:${upstream.port}`, {
       connect,
       connections: limits.upstreamConnections,
-      keepAliveTimeout: 4_000,
+      keepAliveTimeout: limits.upstreamKeepAliveMs,
       keepAliveMaxTimeout: limits.idleTimeoutMs,
       headersTimeout: limits.upstreamTimeoutMs,
       bodyTimeout: limits.upstreamTimeoutMs,

@@ -2,6 +2,7 @@
 // the policy, the peer and the request, so every rule is unit-tested with values built in memory.
 // Allow-list entries are ORed: a peer is allowed when any of its names matches any entry.
 import type { X509Certificate } from "node:crypto";
+import { commonName, serialOf, sha256Of, subjectAltNames, subjectOf } from "./x509.js";
 
 /** The identity a verified certificate vouches for. Built once per certificate, then cached. */
 export interface PeerIdentity {
@@ -19,46 +20,19 @@ export interface PeerIdentity {
   sha256: string;
 }
 
-/** Splits Node's subjectAltName text ("DNS:a, URI:b, IP Address:c"; values with commas JSON-quoted). */
-export function parseSubjectAltName(text: string | undefined): Array<{ type: string; value: string }> {
-  const out: Array<{ type: string; value: string }> = [];
-  if (!text) return out;
-  const entry = /\s*([A-Za-z ]+):("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)/y;
-  let match: RegExpExecArray | null = entry.exec(text);
-  while (match && match[0] !== "") {
-    const raw = match[2] ?? "";
-    out.push({ type: match[1] ?? "", value: raw.startsWith('"') ? (JSON.parse(raw) as string) : raw });
-    match = entry.exec(text);
-  }
-  return out;
-}
-
-/** "C=US\nO=x\nCN=y" (Node's order) → "CN=y,O=x,C=US" (RFC 2253). */
-export function rfc2253(subject: string): string {
-  return subject
-    .split("\n")
-    .filter(Boolean)
-    .reverse()
-    .map((rdn) => rdn.replace(/([,+"\\<>;])/g, "\\$1"))
-    .join(",");
-}
-
 export function peerIdentity(cert: X509Certificate): PeerIdentity {
-  const sans = parseSubjectAltName(cert.subjectAltName);
-  const dns = sans.filter((s) => s.type === "DNS").map((s) => s.value.toLowerCase());
-  const uris = sans.filter((s) => s.type === "URI").map((s) => s.value);
-  const cnLine = cert.subject.split("\n").find((line) => line.startsWith("CN="));
-  const commonName = cnLine ? cnLine.slice(3) : null;
-  const names = [...new Set([...dns, ...uris, ...(commonName ? [commonName.toLowerCase()] : [])])];
+  const { dns, uris } = subjectAltNames(cert);
+  const cn = commonName(cert);
+  const names = [...new Set([...dns, ...uris, ...(cn ? [cn.toLowerCase()] : [])])];
   return {
     names,
-    primary: dns[0] ?? uris[0] ?? commonName ?? `serial:${cert.serialNumber.toLowerCase()}`,
-    commonName,
+    primary: dns[0] ?? uris[0] ?? cn ?? `serial:${serialOf(cert)}`,
+    commonName: cn,
     dns,
     uris,
-    subject: rfc2253(cert.subject),
-    serial: cert.serialNumber.toLowerCase(),
-    sha256: cert.fingerprint256.replaceAll(":", "").toLowerCase(),
+    subject: subjectOf(cert),
+    serial: serialOf(cert),
+    sha256: sha256Of(cert),
   };
 }
 

@@ -8,7 +8,8 @@ import type { DestinationStream } from "pino";
 import type { Config } from "../config/schema.js";
 import { createAdminServer } from "./admin.js";
 import { Edges } from "./edges.js";
-import { type Identity, IdentityError, IdentityStore, loadIdentity } from "./identity.js";
+import { type Identity, IdentityError, identityNotices, loadIdentity } from "./identity.js";
+import { IdentityStore } from "./identity-store.js";
 import { Inbound } from "./inbound.js";
 import { createLogger, type Logger } from "./log.js";
 import { Metrics } from "./metrics.js";
@@ -35,7 +36,6 @@ export interface Listening {
 }
 
 const DAY_MS = 86_400_000;
-const EXPIRY_WARNING_DAYS = 30;
 
 export class Sidecar {
   readonly metrics: Metrics;
@@ -57,8 +57,12 @@ export class Sidecar {
     private readonly options: SidecarOptions,
   ) {
     this.logger = logger;
-    this.identity = new IdentityStore(identity, config.tls, config.service.dnsName, (next) =>
-      assertUsable(next, config.tls),
+    this.identity = new IdentityStore(
+      identity,
+      config.tls,
+      config.service.dnsName,
+      (next) => assertUsable(next, config.tls),
+      config.limits,
     );
     this.metrics = new Metrics(
       {
@@ -160,6 +164,7 @@ export class Sidecar {
     this.state = "running";
     if (config.admin.enabled) {
       this.admin = createAdminServer({
+        timeoutMs: config.limits.headersTimeoutMs,
         registry: this.metrics.registry,
         ready: () => this.readiness(),
         status: () => this.status(),
@@ -181,30 +186,21 @@ export class Sidecar {
   /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, CRL freshness. */
   private reportIdentity(identity: Identity): void {
     for (const warning of identity.warnings) this.logger.warn({ event: "identity_warning", message: warning });
-    const certs = [identity.server.summary, ...(identity.client !== identity.server ? [identity.client.summary] : [])];
-    // A CRL past its nextUpdate makes OpenSSL refuse every peer of its CA (crl_expired): say so
-    // a day ahead, and loudly once it happened, rather than trusting an old list forever.
-    for (const crl of identity.crl?.lists ?? []) {
-      if (!crl.nextUpdate) continue;
-      const days = (crl.nextUpdate.getTime() - Date.now()) / DAY_MS;
-      if (days < 1) {
-        this.logger[days < 0 ? "error" : "warn"]({
-          event: days < 0 ? "crl_expired" : "crl_expiring",
-          issuer: crl.issuer,
-          next_update: crl.nextUpdate.toISOString(),
-          message: "publish a fresh CRL (ashmesh certs renew re-signs the dev CA's)",
-        });
-      }
-    }
-    for (const s of certs) {
-      const days = (s.notAfter.getTime() - Date.now()) / DAY_MS;
-      if (days < EXPIRY_WARNING_DAYS) {
+    for (const notice of identityNotices(identity)) {
+      if (notice.event === "cert_expiring") {
         this.logger.warn({
-          event: "cert_expiring",
-          subject: s.subject,
-          serial: s.serial,
-          days_left: Math.floor(days),
-          not_after: s.notAfter.toISOString(),
+          event: notice.event,
+          subject: notice.subject,
+          serial: notice.serial,
+          days_left: notice.daysLeft,
+          not_after: notice.notAfter.toISOString(),
+        });
+      } else {
+        this.logger[notice.event === "crl_expired" ? "error" : "warn"]({
+          event: notice.event,
+          issuer: notice.issuer,
+          next_update: notice.nextUpdate.toISOString(),
+          message: notice.hint,
         });
       }
     }

@@ -4,14 +4,27 @@
 import type { X509Certificate } from "node:crypto";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
-import { chainToCa, type Identity, IdentityError, type IdentityField, pemBlocks } from "./identity.js";
+import { type Identity, IdentityError, type IdentityField } from "./identity.js";
 import type { FailureReason } from "./metrics.js";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
+import { chainToCa, commonName, pemBlocks, spkiPin, subjectOf } from "./x509.js";
 
+/** What every completed handshake negotiated. */
+export interface Negotiated {
+  version: string;
+  cipher: string;
+  resumed: boolean;
+}
+
+/** A connection's TLS state, decided once when its handshake completes. */
 export type PeerTls =
-  | { kind: "verified"; peer: PeerIdentity; cert: X509Certificate; version: string; cipher: string; resumed: boolean }
-  | { kind: "unauthenticated"; version: string; cipher: string; resumed: boolean }
+  // `cert` is null for a resumed outbound session, whose certificate is not sent again.
+  | ({ kind: "verified"; peer: PeerIdentity; cert: X509Certificate | null } & Negotiated)
+  | ({ kind: "unauthenticated" } & Negotiated)
   | { kind: "refused"; reason: FailureReason; detail: string; subject: string | null };
+
+export type Verified = Extract<PeerTls, { kind: "verified" }>;
+export type Refused = Extract<PeerTls, { kind: "refused" }>;
 
 /** OpenSSL verify results (socket.authorizationError) and TLS error codes → the reason label. */
 const VERIFY_REASONS: Record<string, FailureReason> = {
@@ -31,14 +44,11 @@ const VERIFY_REASONS: Record<string, FailureReason> = {
   CERT_UNTRUSTED: "unknown_ca",
   INVALID_PURPOSE: "bad_san",
   ERR_TLS_CERT_ALTNAME_INVALID: "bad_san",
-  ASHMESH_PEER_IDENTITY: "bad_san",
-  ASHMESH_PEER_PIN: "bad_pin",
-  ASHMESH_PEER_UNKNOWN_CA: "unknown_ca",
-  ASHMESH_PEER_NO_CERT: "protocol",
   ERR_TLS_HANDSHAKE_TIMEOUT: "timeout",
   UND_ERR_CONNECT_TIMEOUT: "timeout",
 };
 
+/** The reason label for an OpenSSL verify result or a TLS error code. */
 export function failureReason(code: string | undefined | null): FailureReason {
   if (!code) return "other";
   const known = VERIFY_REASONS[code];
@@ -48,7 +58,9 @@ export function failureReason(code: string | undefined | null): FailureReason {
 }
 
 /** True for errors raised by TLS itself (as opposed to TCP or DNS): those count as failed handshakes. */
-export function isTlsFailure(code: string | undefined): boolean {
+export function isTlsFailure(err: unknown): boolean {
+  if (err instanceof PeerRefusedError) return true;
+  const code = (err as { code?: string } | null)?.code;
   if (!code) return false;
   return code in VERIFY_REASONS || code.startsWith("ERR_SSL_") || code.startsWith("ERR_TLS_") || code === "EPROTO";
 }
@@ -58,7 +70,7 @@ export function isTlsFailure(code: string | undefined): boolean {
  * a foreign CA as UNABLE_TO_GET_CRL (it looks for that issuer's CRL first). Every CA we trust has
  * a CRL (identity.ts insists), so a leaf that chains to none of them is an unknown CA.
  */
-export function refusalReason(
+function refusalReason(
   code: string,
   cert: X509Certificate | undefined,
   trust: readonly X509Certificate[],
@@ -68,31 +80,124 @@ export function refusalReason(
   return reason;
 }
 
+function negotiated(socket: TLSSocket): Negotiated {
+  return {
+    version: socket.getProtocol() ?? "unknown",
+    cipher: socket.getCipher()?.standardName ?? "unknown",
+    resumed: socket.isSessionReused(),
+  };
+}
+
+/** The chain verdict OpenSSL reached (CA bundle, CRL, dates), as a refusal, or null when it verified. */
+function chainRefusal(socket: TLSSocket, cert: X509Certificate, trust: readonly X509Certificate[]): Refused | null {
+  if (socket.authorized) return null;
+  const code = String(socket.authorizationError ?? "UNKNOWN");
+  return { kind: "refused", reason: refusalReason(code, cert, trust), detail: code, subject: commonName(cert) };
+}
+
 /**
  * The TLS state of an inbound connection once its handshake is done. The server runs with
  * rejectUnauthorized: false so that the reason is known (with `true`, OpenSSL aborts and Node
  * reports a bare reset); this function is where the refusal is decided instead.
  */
 export function classifyInbound(socket: TLSSocket, verifyClient: boolean, trust: readonly X509Certificate[]): PeerTls {
-  const version = socket.getProtocol() ?? "unknown";
-  const cipher = socket.getCipher()?.standardName ?? "unknown";
-  const resumed = socket.isSessionReused();
   const cert: X509Certificate | undefined = socket.getPeerX509Certificate();
   if (!cert) {
     // An empty peer certificate is never an identity (nodejs/node#35317).
-    if (!verifyClient) return { kind: "unauthenticated", version, cipher, resumed };
+    if (!verifyClient) return { kind: "unauthenticated", ...negotiated(socket) };
     return { kind: "refused", reason: "no_client_cert", detail: "the client sent no certificate", subject: null };
   }
-  const subject =
-    cert.subject
-      .split("\n")
-      .find((l) => l.startsWith("CN="))
-      ?.slice(3) ?? null;
+  return (
+    chainRefusal(socket, cert, trust) ?? {
+      kind: "verified",
+      peer: cachedPeerIdentity(cert),
+      cert,
+      ...negotiated(socket),
+    }
+  );
+}
+
+/** What outbound expects of a server: the identity its certificate must carry, and an optional SPKI pin. */
+export interface Expected {
+  /** A DNS or URI SAN the certificate must carry, exactly (never through a wildcard). */
+  identity: string;
+  /** "sha256//<base64 SPKI>" or null. */
+  pin: string | null;
+  /** For messages: "auth.ashchan.local:8443". */
+  label: string;
+}
+
+/**
+ * The TLS state of an outbound connection after a full handshake: the chain verified (CA bundle
+ * and CRL), an exact DNS or URI SAN equal to the expected identity, and the pin when one is set.
+ */
+export function classifyOutbound(
+  socket: TLSSocket,
+  expected: Expected,
+  trust: readonly X509Certificate[],
+): Verified | Refused {
+  const cert: X509Certificate | undefined = socket.getPeerX509Certificate();
+  if (!cert) {
+    return { kind: "refused", reason: "protocol", detail: `${expected.label} presented no certificate`, subject: null };
+  }
+  const chain = chainRefusal(socket, cert, trust);
+  if (chain) {
+    return {
+      ...chain,
+      detail: `${expected.label}: the server certificate did not verify: ${chain.reason} (${chain.detail})`,
+    };
+  }
+  const peer = cachedPeerIdentity(cert);
+  const carries = expected.identity.includes("://")
+    ? peer.uris.includes(expected.identity)
+    : peer.dns.includes(expected.identity.toLowerCase());
+  if (!carries) {
+    const presented = [...peer.dns, ...peer.uris].join(", ") || subjectOf(cert);
+    return {
+      kind: "refused",
+      reason: "bad_san",
+      detail: `${expected.label} presented a certificate for ${presented}, not for ${expected.identity}`,
+      subject: commonName(cert),
+    };
+  }
+  if (expected.pin) {
+    const pin = spkiPin(cert.publicKey);
+    if (pin.slice("sha256//".length) !== expected.pin.replace(/^sha256\/\/?/, "")) {
+      return {
+        kind: "refused",
+        reason: "bad_pin",
+        detail: `${expected.label} presented a key whose SPKI pin ${pin} is not the configured pin`,
+        subject: commonName(cert),
+      };
+    }
+  }
+  return { kind: "verified", peer, cert, ...negotiated(socket) };
+}
+
+/**
+ * A resumed outbound session: its certificate is not sent again (and Node may show none), so the
+ * identity is the one verified when the session was first made; OpenSSL's verdict still counts.
+ */
+export function classifyResumed(socket: TLSSocket, peer: PeerIdentity, expected: Expected): Verified | Refused {
   if (!socket.authorized) {
     const code = String(socket.authorizationError ?? "UNKNOWN");
-    return { kind: "refused", reason: refusalReason(code, cert, trust), detail: code, subject };
+    return {
+      kind: "refused",
+      reason: failureReason(code),
+      detail: `${expected.label}: resumed session not authorized (${code})`,
+      subject: peer.commonName,
+    };
   }
-  return { kind: "verified", peer: cachedPeerIdentity(cert), cert, version, cipher, resumed };
+  return { kind: "verified", peer, cert: null, ...negotiated(socket) };
+}
+
+/** A server outbound refused, as the error its connection attempt fails with (errors.ts maps `reason`). */
+export class PeerRefusedError extends Error {
+  readonly code = "ASHMESH_PEER_REFUSED";
+  constructor(readonly refusal: Refused) {
+    super(refusal.detail);
+    this.name = "PeerRefusedError";
+  }
 }
 
 const peerCache = new Map<string, PeerIdentity>();
@@ -114,7 +219,7 @@ export function cachedPeerIdentity(cert: X509Certificate): PeerIdentity {
  * needs one CRL per trusted CA.
  */
 function crlOption(identity: Identity): { crl?: string[] } {
-  return identity.crl ? { crl: pemBlocks(identity.crl.pem.toString("latin1"), "X509 CRL") } : {};
+  return identity.crl ? { crl: pemBlocks(identity.crl.pem.toString("latin1"), "X509 CRL").map((b) => b.text) } : {};
 }
 
 /** Options for the inbound server's secure context (also used by setSecureContext on reload). */

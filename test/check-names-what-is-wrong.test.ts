@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
 import { parse, stringify } from "yaml";
-import { ensurePki, startLocalMesh } from "../bin/up.js";
+import { ensurePki, startLocalMesh } from "../bin/local-mesh.js";
 import { loadMesh } from "../config/mesh.js";
 import { ashmeshCli } from "./lib/run.js";
 
@@ -99,8 +99,15 @@ t.test("check --config: files, permissions, SAN, EKU, CRL freshness", async (t) 
   write({ service: { name: "auth-accounts", dnsName: "boards.ashchan.local" }, inbound: { verifyClient: false } });
   const bad = await ashmesh(["check", "--config", config]);
   t.equal(bad.code, 1);
-  t.match(bad.out, /× key .*server\.key has mode 0644\n\s+see: chmod 600/);
-  t.match(bad.out, /× no DNS SAN boards\.ashchan\.local \(SANs: auth\.ashchan\.local\)/);
+  // The sidecar's own validator speaks here: the same words as its identity_warning and refusal.
+  t.match(
+    bad.out,
+    /× tls\.key \(.*server\.key\): the private key is readable by group or others \(mode 0644\)\n\s+see: run chmod 600/,
+  );
+  t.match(
+    bad.out,
+    /× tls\.cert \(.*server\.crt\): no DNS SAN for service\.dnsName boards\.ashchan\.local \(the certificate names: auth\.ashchan\.local\)/,
+  );
   t.match(bad.out, /× inbound\.verifyClient is false/);
   t.match(bad.out, /× inbound\.allow is not set/);
 });

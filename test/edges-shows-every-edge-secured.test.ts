@@ -6,7 +6,7 @@ import { join } from "node:path";
 import t from "tap";
 import { parse, stringify } from "yaml";
 import { mergeEdges } from "../bin/edges.js";
-import { ensurePki, startLocalMesh } from "../bin/up.js";
+import { ensurePki, startLocalMesh } from "../bin/local-mesh.js";
 import { loadMesh } from "../config/mesh.js";
 import { ashmeshCli } from "./lib/run.js";
 

@@ -5,7 +5,8 @@ import { X509Certificate } from "node:crypto";
 import { readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
-import { IdentityError, loadIdentity, weakSignature } from "../proxy/identity.js";
+import { IdentityError, loadIdentity } from "../proxy/identity.js";
+import { weakSignature } from "../proxy/x509.js";
 import { hasOpenssl, NEW_P256_KEY, opensslOk } from "./lib/certs.js";
 import { pki } from "./lib/mesh.js";
 

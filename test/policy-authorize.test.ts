@@ -1,6 +1,7 @@
 // authorize() is a pure function: every rule is checked with identities built in memory.
 import t from "tap";
-import { authorize, compilePolicy, isCanonicalPath, type PeerIdentity, parseSubjectAltName } from "../proxy/policy.js";
+import { authorize, compilePolicy, isCanonicalPath, type PeerIdentity } from "../proxy/policy.js";
+import { parseSubjectAltName } from "../proxy/x509.js";
 import { xfccValue } from "../proxy/xfcc.js";
 
 function peer(primary: string, extra: Partial<PeerIdentity> = {}): PeerIdentity {

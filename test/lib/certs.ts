@@ -5,8 +5,8 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { exitCodeFor } from "../../bin/args.js";
 import { main } from "../../bin/certs.js";
-import { exitCodeFor } from "../../bin/cli.js";
 import { ashmeshCli, type Ran, run } from "./run.js";
 
 export interface Tap {
