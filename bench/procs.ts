@@ -1,8 +1,10 @@
 // The processes of a bench run: started pinned to a core with taskset, their output in files
 // (a pipe nobody reads would block them; parsing thousands of log lines would cost the harness
-// CPU), measured from /proc, and all stopped at the end whatever happened.
+// CPU), waited for until they are ready, measured from /proc, and all stopped at the end
+// whatever happened.
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { closeSync, existsSync, openSync, readdirSync, readFileSync } from "node:fs";
+import net from "node:net";
 
 export interface Proc {
   name: string;
@@ -321,6 +323,37 @@ export async function waitForLine<T>(proc: Proc, match: (line: string) => T | nu
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
   throw new Error(`${proc.name} was not ready after ${ms} ms:\n${tail(proc.logFile)}`);
+}
+
+/** A port that was free a moment ago (nginx needs numbers in its config; ashmesh takes port 0). */
+export function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+export async function waitForPort(port: number, proc: Proc, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (proc.exitCode !== undefined)
+      throw new Error(`${proc.name} exited (code ${proc.exitCode}):\n${tail(proc.logFile)}`);
+    const ok = await new Promise<boolean>((done) => {
+      const s = net.connect(port, "127.0.0.1");
+      s.once("connect", () => {
+        s.destroy();
+        done(true);
+      });
+      s.once("error", () => done(false));
+    });
+    if (ok) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`${proc.name}: nothing listens on 127.0.0.1:${port} after ${ms} ms:\n${tail(proc.logFile)}`);
 }
 
 export interface CoreTimes {

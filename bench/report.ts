@@ -1,4 +1,4 @@
-// The bench's report: what run.ts measured, as JSON (kept whole) and as markdown tables.
+// The bench's report: what measure.ts measured, as JSON (kept whole) and as markdown tables.
 // Overheads are differences to the direct path at the same rate in the same run, never absolute
 // thresholds: the machine, its load and the Node version all move the absolute numbers.
 import type { OpenLoopResult } from "./load.js";

@@ -1,11 +1,20 @@
 // The outside tools the bench drives, and what it reads from their output: wrk for the maximum
 // throughput (a C load generator is far cheaper per request than a Node one), and
 // `openssl s_time -new` for full mTLS handshakes with a client certificate.
+import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import type { Procs } from "./procs.js";
 
 export function findTool(...candidates: string[]): string | null {
   return candidates.find((p) => existsSync(p)) ?? null;
+}
+
+/** The first line a tool prints about its version, wherever it prints it (nginx and wrk: stderr, exit 1). */
+export function version(cmd: string, args: string[], pattern?: RegExp): string {
+  const r = spawnSync(cmd, args, { encoding: "utf8", timeout: 5_000 });
+  const text = `${r.stdout ?? ""}\n${r.stderr ?? ""}`;
+  if (pattern) return pattern.exec(text)?.[0] ?? "unknown";
+  return text.trim().split("\n")[0] ?? "unknown";
 }
 
 export interface WrkResult {
