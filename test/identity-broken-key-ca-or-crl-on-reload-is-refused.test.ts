@@ -26,7 +26,6 @@ import {
   rawTls,
   sample,
   sidecar,
-  sleep,
   viaProxy,
 } from "./lib/mesh.js";
 
@@ -327,7 +326,14 @@ t.test("outbound: a sidecar whose key breaks keeps calling its peer with its old
     { field: "tls.key", file: gwFiles.key, reason: /not a readable private key/ },
     () => write(gwFiles.key, GARBAGE_KEY, "by rename", 0o600),
   );
-  await sleep(300); // past auth's idle timeout: the next call needs a new connection
+  // Past auth's idle timeout: the next call needs a new connection. Wait until gateway saw it close.
+  t.ok(
+    await eventually(
+      async () => sample(await gw.metrics(), "mtls_open_connections", { direction: "outbound" }) === 0,
+      10_000,
+    ),
+    "auth closed the idle connection",
+  );
   const handshakes = gw.logs.events("mtls_handshake_complete").length;
   t.same(await call(), { status: 200, hash: oldHash }, "the next call succeeds with the old certificate");
   t.equal(gw.logs.events("mtls_handshake_complete").length, handshakes + 1, "over a new connection");
@@ -378,7 +384,7 @@ t.test(
     writeAtomic(authFiles.key, readFileSync(join(dir, "weak.key")), 0o600);
     writeAtomic(authFiles.cert, readFileSync(join(dir, "weak.crt")), 0o644);
     t.ok(
-      await eventually(() => auth.logs.events("cert_reload_failed").length > 0, 2_000),
+      await eventually(() => auth.logs.events("cert_reload_failed").length > 0, 10_000),
       "the unusable key is reported as a failed reload",
     );
     t.equal(await presentedSerial(auth.inboundPort, gw), serial, "new handshakes present the old serial");

@@ -6,7 +6,7 @@ import http from "node:http";
 import tls from "node:tls";
 import t from "tap";
 import { Client } from "undici";
-import { app, pki, sample, sidecar, sleep } from "./lib/mesh.js";
+import { app, eventually, pki, sample, sidecar, sleep } from "./lib/mesh.js";
 
 const DURATION_MS = 10_000;
 const ROTATE_EVERY_MS = 200;
@@ -112,7 +112,10 @@ t.test("rotation under steady load", async (t) => {
     while (Date.now() < end - 500) {
       i++;
       if (i === 25) {
-        // Half-way: a broken certificate file, left for a second.
+        // Half-way: a broken certificate file, left for a second. First the last good one must be
+        // in use, or the broken file would land in the same (debounced) reload and hide it.
+        const lastGood = issued.at(-1);
+        await eventually(() => auth.logs.events("cert_reloaded").some((l) => l.serial === lastGood), 10_000);
         writeFileSync(authFiles.cert, "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n");
         brokenWindow = { from: Date.now(), to: Date.now() + 1_000, lastGood: issued.at(-1) ?? "" };
         await sleep(1_000);
@@ -125,13 +128,18 @@ t.test("rotation under steady load", async (t) => {
   };
 
   await Promise.all([load(), load(), steady(), probe(), rotate()]);
-  await sleep(600);
-  const finalSerial = await new Promise<string>((resolve) => {
-    const s = tls.connect({ host: "127.0.0.1", port: auth.inboundPort, ...clientCreds() }, () => {
-      resolve(s.getPeerX509Certificate()?.serialNumber.toLowerCase() ?? "none");
-      s.end();
+  // The last rotation is taken once its reload ran: poll new handshakes until then (or give up).
+  let finalSerial = "";
+  await eventually(async () => {
+    finalSerial = await new Promise<string>((resolve) => {
+      const s = tls.connect({ host: "127.0.0.1", port: auth.inboundPort, ...clientCreds() }, () => {
+        resolve(s.getPeerX509Certificate()?.serialNumber.toLowerCase() ?? "none");
+        s.end();
+      });
+      s.on("error", () => resolve("error"));
     });
-  });
+    return finalSerial === issued.at(-1);
+  }, 10_000);
 
   t.ok(stats.sent > 300, `requests were sent all along (${stats.sent})`);
   t.equal(stats.failed, 0, `no request failed through the pair (${stats.errors.join("; ")})`);

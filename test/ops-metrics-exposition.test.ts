@@ -123,7 +123,7 @@ async function scrapeAfterTraffic(t: Tap): Promise<{ auth: string; gateway: stri
   const text = async (port: number) => (await request(`http://127.0.0.1:${port}/metrics`)).body.text();
   // The refused handshake is counted once the server side has seen it: wait for the sample.
   let authText = await text(authAdmin);
-  for (let i = 0; i < 50 && sample(authText, "mtls_handshake_failures", { direction: "inbound" }) === 0; i++) {
+  for (let i = 0; i < 250 && sample(authText, "mtls_handshake_failures", { direction: "inbound" }) === 0; i++) {
     await new Promise((r) => setTimeout(r, 40));
     authText = await text(authAdmin);
   }

@@ -13,7 +13,7 @@ import { chmodSync, readFileSync, symlinkSync } from "node:fs";
 import { join } from "node:path";
 import t from "tap";
 import { certs, tempDir } from "./lib/certs.js";
-import { GET, rawTls, sleep, steadyLoad } from "./lib/mesh.js";
+import { eventually, GET, rawTls, sleep, steadyLoad } from "./lib/mesh.js";
 import { at, tool } from "./lib/ops.js";
 import { buildImages, buildSystemdImage, freePort, IMAGE, podmanRun, podmanSkip, SYSTEMD_IMAGE } from "./lib/podman.js";
 
@@ -121,6 +121,14 @@ t.test("the units under a real systemd", { skip }, async (t) => {
     "require('http').createServer((q, s) => s.end('auth app')).listen(9502, '127.0.0.1')",
   ]);
   t.equal(app.code, 0, app.output);
+  // `exec -d` returns before the app listens: wait until it answers, or the first request gets a 502.
+  const appAnswers = async () =>
+    (
+      await exec(
+        `/usr/local/bin/node -e "fetch('http://127.0.0.1:9502/').then(r => r.text()).then(t => process.stdout.write(t))"`,
+      )
+    ).stdout === "auth app";
+  t.ok(await eventually(appAnswers, 30_000), "auth's app answers on 127.0.0.1:9502");
 
   const enabled = await exec(
     "systemctl daemon-reload && systemctl enable --now ashmesh@auth.socket ashmesh@auth.service",

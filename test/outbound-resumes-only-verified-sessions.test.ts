@@ -3,7 +3,7 @@
 // trusted because only sessions of servers that passed the full check are cached. A refused
 // server gets that full check on every attempt.
 import t from "tap";
-import { app, pki, sample, sidecar, sleep, viaProxy } from "./lib/mesh.js";
+import { app, eventually, pki, sample, sidecar, viaProxy } from "./lib/mesh.js";
 
 t.test("new connections to a verified peer resume; a refused peer is checked in full every time", async (t) => {
   const p = await pki(t);
@@ -25,7 +25,11 @@ t.test("new connections to a verified peer resume; a refused peer is checked in 
   });
   for (let i = 0; i < 3; i++) {
     t.equal((await viaProxy(gw.outboundPort, "http://auth.ashchan.local/")).status, 200);
-    await sleep(300);
+    // Past auth's idle timeout, so that the next call needs a new connection: wait until gateway saw it close.
+    await eventually(
+      async () => sample(await gw.metrics(), "mtls_open_connections", { direction: "outbound" }) === 0,
+      10_000,
+    );
   }
   const handshakes = gw.logs.events("mtls_handshake_complete").map((l) => l.resumed);
   t.same(handshakes, [false, true, true], "the first connection is a full handshake, the next ones resume");

@@ -5,15 +5,17 @@ import net from "node:net";
 import { join } from "node:path";
 import t from "tap";
 import { request } from "undici";
-import { app, mtlsAgent, pki } from "./lib/mesh.js";
+import { app, eventually, mtlsAgent, pki } from "./lib/mesh.js";
 import { ashmesh, portOf, writeYaml } from "./lib/spawn.js";
 
 t.test("drain on SIGTERM", async (t) => {
   const p = await pki(t);
   await p.identity("gateway.ashchan.local");
   const files = await p.identity("auth.ashchan.local");
+  // The app answers when the test says so: after the checks made while the sidecar drains.
+  let finish = () => {};
   const slow = await app(t, (_req, res) => {
-    setTimeout(() => res.end("finished"), 800);
+    finish = () => res.end("finished");
   });
   const config = writeYaml(join(p.dir, "auth.yaml"), {
     service: { name: "auth-accounts", dnsName: "auth.ashchan.local" },
@@ -32,7 +34,7 @@ t.test("drain on SIGTERM", async (t) => {
   const inFlight = request(`https://127.0.0.1:${inbound}/slow`, {
     dispatcher: mtlsAgent(p, "gateway.ashchan.local", { servername: "auth.ashchan.local" }),
   });
-  await new Promise((r) => setTimeout(r, 200));
+  t.ok(await eventually(() => slow.seen.length === 1, 15_000), "the request is in flight at the app");
   proc.child.kill("SIGTERM");
   await proc.waitFor((l) => l.event === "draining");
 
@@ -50,6 +52,7 @@ t.test("drain on SIGTERM", async (t) => {
   });
   t.equal(refused, "ECONNREFUSED", "no new connections while draining");
 
+  finish();
   const res = await inFlight;
   t.equal(res.statusCode, 200);
   t.equal(await res.body.text(), "finished", "the request in flight got its whole answer");
