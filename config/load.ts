@@ -180,6 +180,18 @@ export function parseConfig(input: unknown, options: { env?: Env; source?: strin
       destinations: parsed.outbound.destinations ?? (parentDomain ? [`*.${parentDomain}`] : []),
     },
   };
+  config.outbound.resolve = Object.fromEntries(
+    Object.entries(config.outbound.resolve).map(([name, address]) => [name.toLowerCase(), address]),
+  );
+  for (const [name, spec] of Object.entries(config.outbound.upstreams)) {
+    const targetHost = (parseHostPort(spec.target)?.host ?? "").toLowerCase();
+    const identity = spec.identity?.toLowerCase();
+    if (identity && identity !== targetHost && config.outbound.resolve[identity] !== undefined) {
+      throw new ConfigError(
+        `${source}:\n  outbound.resolve.${identity} and outbound.upstreams.${name} disagree: the upstream connects to its target ${spec.target}, and resolve rewrites only the address of the host connected to (as curl --resolve does), never the identity a server must prove; remove the resolve entry or set the target to ${identity}`,
+      );
+    }
+  }
   if (config.tls.minVersion === "TLSv1.2" && config.tls.ciphers.every((c) => c.startsWith("TLS_"))) {
     throw new ConfigError(
       `${source}:\n  tls.ciphers=${describe(config.tls.ciphers)} is not valid: tls.minVersion is TLSv1.2 but every cipher is a TLS 1.3 suite; add TLS 1.2 suites such as ECDHE-ECDSA-AES256-GCM-SHA384`,

@@ -55,7 +55,11 @@ const cipher = z
 
 const httpUrl = z
   .string()
-  .refine((value) => /^http:\/\/[^/]+\/?$/.test(value) && URL.canParse(value), "expected http://host:port");
+  .refine((value) => /^http:\/\/[^/]+\/?$/.test(value) && URL.canParse(value), "expected http://host:port")
+  .refine(
+    (value) => !value.includes("@"),
+    "expected http://host:port without credentials (they would reach the logs and /status)",
+  );
 
 const spkiPin = z
   .string()
@@ -135,12 +139,26 @@ export const configSchema = z.strictObject({
   admin: z
     .strictObject({
       enabled: z.boolean().default(true),
-      listen: listen.default({ host: "0.0.0.0", port: 9901 }),
+      // Loopback unless told otherwise: /status and /edges describe the mesh to whoever asks.
+      // Containers set ADMIN_LISTEN=0.0.0.0:9901 so that Prometheus on the network can scrape.
+      listen: listen.default({ host: "127.0.0.1", port: 9901 }),
+      // Names (besides IP literals, localhost, service.name, service.dnsName and the host name)
+      // a request may carry in Host: anything else is refused (DNS rebinding).
+      hosts: z.array(dnsName).default([]),
     })
     .prefault({}),
   limits: z
     .strictObject({
       maxConnections: z.number().int().positive().default(4096),
+      // Connections still in their TLS handshake: in all, and from one source address. Past either,
+      // the oldest such connection is closed to make room (a handshake takes milliseconds).
+      maxPendingHandshakes: z.number().int().positive().default(512),
+      maxPendingHandshakesPerSource: z.number().int().positive().default(128),
+      // The whole TLS handshake, from TCP accept, must be done within this.
+      handshakeTimeoutMs: positiveMs.default(5_000),
+      // A request with more header lines, or a larger head, gets 431 and its connection closes.
+      maxRequestHeaders: z.number().int().positive().default(100),
+      maxHeaderBytes: z.number().int().min(1024).max(1_048_576).default(16_384),
       headersTimeoutMs: positiveMs.default(10_000),
       requestTimeoutMs: positiveMs.default(30_000),
       idleTimeoutMs: positiveMs.default(60_000),

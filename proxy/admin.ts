@@ -1,12 +1,18 @@
 // The admin listener: metrics for Prometheus, liveness and readiness for Podman/systemd
 // health checks, and what the sidecar knows (/status, /edges) as JSON for `ashmesh check`
-// and `ashmesh edges`.
+// and `ashmesh edges`. Read-only: GET and HEAD, nothing here changes state. It binds to loopback
+// by default, and answers only requests whose Host is an address or a name of this sidecar, so
+// that a web page in a browser on the host cannot read it through DNS rebinding.
+
 import http from "node:http";
+import { isIP } from "node:net";
 import type { Registry } from "prom-client";
 
 export interface AdminSources {
   /** Timeouts for scrapers and probes, from limits.headersTimeoutMs. */
   timeoutMs: number;
+  /** Host names (lower case) besides IP literals that requests may name. */
+  hosts: ReadonlySet<string>;
   registry: Registry;
   ready(): { ready: true } | { ready: false; reason: string };
   status(): unknown;
@@ -19,12 +25,25 @@ function json(res: http.ServerResponse, status: number, value: unknown): void {
   res.end(body);
 }
 
+/** A Host header naming an IP literal or one of `hosts` (the port aside); a request without Host is HTTP/1.0 from a tool. */
+export function hostAllowed(host: string | undefined, hosts: ReadonlySet<string>): boolean {
+  if (host === undefined) return true;
+  const name = host.startsWith("[") ? host.slice(1, host.indexOf("]")) : host.replace(/:\d*$/, "");
+  return isIP(name) !== 0 || hosts.has(name.toLowerCase().replace(/\.$/, ""));
+}
+
 export function createAdminServer(sources: AdminSources): http.Server {
   const timeout = sources.timeoutMs;
   return http.createServer(
     { keepAliveTimeout: timeout, headersTimeout: timeout, requestTimeout: timeout },
     (req, res) => {
       if (req.method !== "GET" && req.method !== "HEAD") return json(res, 405, { error: "method_not_allowed" });
+      if (!hostAllowed(req.headers.host, sources.hosts)) {
+        return json(res, 421, {
+          error: "host_not_allowed",
+          message: "the admin listener answers its own names and IP addresses only; add the name to admin.hosts",
+        });
+      }
       const path = (req.url ?? "/").split("?")[0];
       switch (path) {
         case "/metrics":

@@ -13,6 +13,8 @@ export type ProxyErrorCode =
   | "destination_not_allowed"
   | "method_not_allowed"
   | "not_implemented"
+  | "headers_too_large"
+  | "request_timeout"
   | "app_unavailable"
   | "app_timeout"
   | "peer_unavailable"
@@ -28,6 +30,8 @@ const STATUS: Record<ProxyErrorCode, number> = {
   destination_not_allowed: 403,
   method_not_allowed: 405,
   not_implemented: 501,
+  headers_too_large: 431,
+  request_timeout: 408,
   app_unavailable: 502,
   peer_unavailable: 502,
   peer_identity_mismatch: 502,
@@ -135,14 +139,23 @@ export function writeSocketError(socket: Duplex, error: ProxyError): void {
   );
 }
 
-/** Node's HTTP server could not parse a request (its `clientError` event): answer 400 and close. */
-export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+/**
+ * Node's HTTP server could not parse a request (its `clientError` event): 431 when the head was
+ * larger than limits.maxHeaderBytes, 408 when it took longer than limits.requestTimeoutMs (or
+ * headersTimeoutMs), 400 for anything else, and the connection closes (nothing
+ * after a request that did not parse can be trusted to start a request). Returns the status sent.
+ */
+export function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): number | null {
   if (err.code === "ECONNRESET") {
     socket.destroy();
-    return;
+    return null;
   }
-  writeSocketError(
-    socket,
-    new ProxyError("bad_request", `the request could not be parsed (${err.code ?? err.message})`),
-  );
+  const error =
+    err.code === "HPE_HEADER_OVERFLOW"
+      ? new ProxyError("headers_too_large", "the request head is larger than limits.maxHeaderBytes")
+      : err.code === "ERR_HTTP_REQUEST_TIMEOUT"
+        ? new ProxyError("request_timeout", "the request did not arrive within limits.requestTimeoutMs")
+        : new ProxyError("bad_request", `the request could not be parsed (${err.code ?? err.message})`);
+  writeSocketError(socket, error);
+  return error.status;
 }

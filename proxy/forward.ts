@@ -3,7 +3,8 @@
 // with backpressure, and a failure becomes one JSON answer from errors.ts.
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Dispatcher } from "undici";
-import { fromUpstreamError, type ProxyError, sendError } from "./errors.js";
+import type { Config } from "../config/schema.js";
+import { fromUpstreamError, ProxyError, sendError } from "./errors.js";
 import { XFCC } from "./xfcc.js";
 
 /** Never forwarded, whatever the Connection header says (plus any header it names). */
@@ -73,6 +74,37 @@ export function forwardResponseHeaders(raw: readonly Buffer[]): string[] {
     out.push(name, (raw[i + 1] as Buffer).toString("latin1"));
   }
   return out;
+}
+
+/**
+ * What neither direction forwards, whatever the policy says: a request line without an HTTP/1.x
+ * version (Node takes `GET /a<CR><LF>X-Injected: 1 HTTP/1.1` as HTTP/0.9 followed by a header),
+ * more header lines than limits.maxRequestHeaders (Node would silently drop those past its own
+ * count, Content-Length among them), and more than one Host (RFC 9112 §3.2).
+ */
+export function refuseRequest(
+  req: IncomingMessage,
+  limits: Pick<Config["limits"], "maxRequestHeaders">,
+): ProxyError | null {
+  if (req.httpVersionMajor !== 1) {
+    return new ProxyError(
+      "bad_request",
+      "the request line has no HTTP/1.x version (a CR or LF inside the request target?)",
+    );
+  }
+  const lines = req.rawHeaders.length / 2;
+  if (lines > limits.maxRequestHeaders) {
+    return new ProxyError(
+      "headers_too_large",
+      `the request has ${lines} header lines; limits.maxRequestHeaders is ${limits.maxRequestHeaders}`,
+    );
+  }
+  let hosts = 0;
+  for (let i = 0; i < req.rawHeaders.length; i += 2) {
+    if ((req.rawHeaders[i] as string).length === 4 && (req.rawHeaders[i] as string).toLowerCase() === "host") hosts++;
+  }
+  if (hosts > 1) return new ProxyError("bad_request", "the request has more than one Host header");
+  return null;
 }
 
 function hasBody(req: IncomingMessage): boolean {

@@ -15,6 +15,7 @@ import {
   serialOf,
   sha256Of,
   subjectOf,
+  weakKey,
   weakSignature,
 } from "./x509.js";
 
@@ -222,6 +223,24 @@ function checkLeaf(
       paths.cert,
       `does not chain to any CA in tls.ca (issuer: ${issuerOf(leaf)})`,
       `openssl verify -CAfile <tls.ca> ${paths.cert}`,
+    );
+  }
+  // What peers refuse in a certificate (tls.ts), the sidecar refuses in its own.
+  if (leaf.ca) {
+    findings.error(
+      fields.cert,
+      paths.cert,
+      "is a CA certificate (basicConstraints CA:TRUE): a sidecar's certificate must be a leaf, and peers refuse a CA",
+      "issue a leaf certificate for the service (ashmesh certs issue NAME)",
+    );
+  }
+  const weakPublicKey = weakKey(leaf.publicKey);
+  if (weakPublicKey) {
+    findings.error(
+      fields.cert,
+      paths.cert,
+      `its key is too weak (${weakPublicKey}): peers refuse it`,
+      "reissue with ECDSA P-256 or RSA 2048+",
     );
   }
   for (const cert of chain) {

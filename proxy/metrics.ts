@@ -18,6 +18,10 @@ export type FailureReason =
   | "bad_signature"
   | "protocol"
   | "timeout"
+  | "aborted"
+  | "overload"
+  | "not_tls"
+  | "bad_certificate"
   | "other";
 
 export interface CertGaugeSource {

@@ -12,7 +12,7 @@ import { parseHostPort } from "../config/schema.js";
 import { mtlsConnector, type Upstream } from "./connector.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
-import { forward, forwardRequestHeaders } from "./forward.js";
+import { forward, forwardRequestHeaders, refuseRequest } from "./forward.js";
 import type { Identity } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
@@ -92,10 +92,14 @@ export class Outbound {
     return { context: clientSecureContext(identity, this.deps.config.tls), routes: new Map() };
   }
 
-  /** The upstream for a peer identity, `resolve` overrides applied. */
+  /**
+   * The upstream for a peer identity reached at `connectHost` (default: the identity itself).
+   * `resolve` rewrites the address of the host connected to, as curl --resolve does: never the
+   * identity a server must prove (config/load.ts refuses a resolve entry that would look like it).
+   */
   private upstreamFor(identity: string, port: number, pin: string | null, connectHost?: string): Upstream {
-    const override = this.deps.config.outbound.resolve[identity];
     let host = connectHost ?? identity;
+    const override = this.deps.config.outbound.resolve[host.toLowerCase()];
     if (override) {
       const parsed = isIP(override) ? { host: override, port } : parseHostPort(override);
       if (parsed) {
@@ -113,11 +117,14 @@ export class Outbound {
         keepAliveTimeout: limits.idleTimeoutMs,
         headersTimeout: limits.headersTimeoutMs,
         requestTimeout: limits.requestTimeoutMs,
+        maxHeaderSize: limits.maxHeaderBytes,
         noDelay: true,
       },
       (req, res) => this.onRequest(req, res, fixed?.upstream ?? null),
     );
     server.maxConnections = limits.maxConnections;
+    // Node drops header lines past maxHeadersCount without a word; refuseRequest counts them instead.
+    server.maxHeadersCount = 0;
     server.on("connect", (_req, socket: Socket) => {
       // HTTPS through the proxy would be TLS inside TLS and unauthenticated to us: refuse clearly.
       writeSocketError(
@@ -131,7 +138,10 @@ export class Outbound {
     server.on("upgrade", (_req, socket: Socket) => {
       writeSocketError(socket, new ProxyError("not_implemented", "HTTP upgrade (WebSocket) is not proxied"));
     });
-    server.on("clientError", answerClientError);
+    server.on("clientError", (err: NodeJS.ErrnoException, socket: Socket) => {
+      const status = answerClientError(err, socket);
+      if (status) this.unverified.record(status, 0);
+    });
     return server;
   }
 
@@ -248,6 +258,14 @@ export class Outbound {
 
   private onRequest(req: IncomingMessage, res: ServerResponse, fixed: Upstream | null): void {
     const started = performance.now();
+    const refused = refuseRequest(req, this.deps.config.limits);
+    if (refused) {
+      // The body, if any, is not read: nothing after a refused head may be taken as a request.
+      res.shouldKeepAlive = false;
+      sendError(res, refused);
+      this.unverified.record(refused.status, (performance.now() - started) / 1000);
+      return;
+    }
     let upstream = fixed;
     let path = req.url ?? "/";
     let host: string | undefined;

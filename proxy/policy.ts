@@ -6,9 +6,12 @@ import { commonName, serialOf, sha256Of, subjectAltNames, subjectOf } from "./x5
 
 /** The identity a verified certificate vouches for. Built once per certificate, then cached. */
 export interface PeerIdentity {
-  /** Every name that may match an allow-list entry: DNS SANs, URI SANs and the subject CN. */
+  /**
+   * Every name that may match an allow-list entry: the DNS and URI SANs, or, for a certificate
+   * without any SAN, the subject CN (RFC 6125 §6.4.4: once a certificate has SANs, its CN names nobody).
+   */
   names: string[];
-  /** The name used in logs and metric labels: the first DNS SAN, else the first URI SAN, else the CN. */
+  /** The name used in logs, metric labels and XFCC: the first of `names`, else the serial. */
   primary: string;
   commonName: string | null;
   dns: string[];
@@ -21,12 +24,12 @@ export interface PeerIdentity {
 }
 
 export function peerIdentity(cert: X509Certificate): PeerIdentity {
-  const { dns, uris } = subjectAltNames(cert);
+  const { dns, uris, any } = subjectAltNames(cert);
   const cn = commonName(cert);
-  const names = [...new Set([...dns, ...uris, ...(cn ? [cn.toLowerCase()] : [])])];
+  const names = any ? [...new Set([...dns, ...uris])] : cn ? [cn.toLowerCase()] : [];
   return {
     names,
-    primary: dns[0] ?? uris[0] ?? cn ?? `serial:${serialOf(cert)}`,
+    primary: names[0] ?? `serial:${serialOf(cert)}`,
     commonName: cn,
     dns,
     uris,

@@ -4,8 +4,9 @@
 
 import type { Server } from "node:http";
 import type { AddressInfo } from "node:net";
+import { hostname } from "node:os";
 import type { DestinationStream } from "pino";
-import type { Config } from "../config/schema.js";
+import { type Config, isLoopback } from "../config/schema.js";
 import { createAdminServer } from "./admin.js";
 import { Edges } from "./edges.js";
 import { type Identity, IdentityError, identityNotices, loadIdentity } from "./identity.js";
@@ -135,6 +136,13 @@ export class Sidecar {
             "inbound.verifyClient is false: clients without a certificate are accepted where no allow-list applies",
         });
       }
+      const appHost = new URL(config.inbound.app).hostname.replace(/^\[|\]$/g, "");
+      if (!isLoopback(appHost)) {
+        logger.warn({
+          event: "config_warning",
+          message: `inbound.app ${config.inbound.app} is not on loopback: requests cross a network in plain HTTP after the sidecar verified them; run the app in the sidecar's network namespace and use 127.0.0.1`,
+        });
+      }
       if (!config.inbound.allow) {
         logger.warn({
           event: "config_warning",
@@ -165,6 +173,11 @@ export class Sidecar {
     if (config.admin.enabled) {
       this.admin = createAdminServer({
         timeoutMs: config.limits.headersTimeoutMs,
+        hosts: new Set(
+          ["localhost", hostname(), config.service.name, config.service.dnsName, ...config.admin.hosts].map((h) =>
+            h.toLowerCase(),
+          ),
+        ),
         registry: this.metrics.registry,
         ready: () => this.readiness(),
         status: () => this.status(),

@@ -7,7 +7,7 @@ import type { Config } from "../config/schema.js";
 import { type Identity, IdentityError, type IdentityField } from "./identity.js";
 import type { FailureReason } from "./metrics.js";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
-import { chainToCa, commonName, pemBlocks, spkiPin, subjectOf } from "./x509.js";
+import { chainToCa, commonName, pemBlocks, spkiPin, subjectOf, weakKey } from "./x509.js";
 
 /** What every completed handshake negotiated. */
 export interface Negotiated {
@@ -42,7 +42,7 @@ const VERIFY_REASONS: Record<string, FailureReason> = {
   CERT_CHAIN_TOO_LONG: "unknown_ca",
   CERT_SIGNATURE_FAILURE: "bad_signature",
   CERT_UNTRUSTED: "unknown_ca",
-  INVALID_PURPOSE: "bad_san",
+  INVALID_PURPOSE: "bad_certificate",
   ERR_TLS_CERT_ALTNAME_INVALID: "bad_san",
   ERR_TLS_HANDSHAKE_TIMEOUT: "timeout",
   UND_ERR_CONNECT_TIMEOUT: "timeout",
@@ -107,14 +107,11 @@ export function classifyInbound(socket: TLSSocket, verifyClient: boolean, trust:
     if (!verifyClient) return { kind: "unauthenticated", ...negotiated(socket) };
     return { kind: "refused", reason: "no_client_cert", detail: "the client sent no certificate", subject: null };
   }
-  return (
-    chainRefusal(socket, cert, trust) ?? {
-      kind: "verified",
-      peer: cachedPeerIdentity(cert),
-      cert,
-      ...negotiated(socket),
-    }
-  );
+  const refused = chainRefusal(socket, cert, trust);
+  if (refused) return refused;
+  const { peer, problem } = inspectPeer(cert);
+  if (problem) return { kind: "refused", reason: "bad_certificate", detail: problem, subject: commonName(cert) };
+  return { kind: "verified", peer, cert, ...negotiated(socket) };
 }
 
 /** What outbound expects of a server: the identity its certificate must carry, and an optional SPKI pin. */
@@ -147,7 +144,15 @@ export function classifyOutbound(
       detail: `${expected.label}: the server certificate did not verify: ${chain.reason} (${chain.detail})`,
     };
   }
-  const peer = cachedPeerIdentity(cert);
+  const { peer, problem } = inspectPeer(cert);
+  if (problem) {
+    return {
+      kind: "refused",
+      reason: "bad_certificate",
+      detail: `${expected.label}: the server certificate is refused: ${problem}`,
+      subject: commonName(cert),
+    };
+  }
   const carries = expected.identity.includes("://")
     ? peer.uris.includes(expected.identity)
     : peer.dns.includes(expected.identity.toLowerCase());
@@ -200,18 +205,36 @@ export class PeerRefusedError extends Error {
   }
 }
 
-const peerCache = new Map<string, PeerIdentity>();
+/** A verified certificate, read once: who it names, and why it may not be a peer's leaf (or null). */
+interface PeerCertificate {
+  peer: PeerIdentity;
+  problem: string | null;
+}
 
-/** Identities by certificate fingerprint: connections from one peer share one value. */
-export function cachedPeerIdentity(cert: X509Certificate): PeerIdentity {
+const peerCache = new Map<string, PeerCertificate>();
+
+/**
+ * Reads a chain-verified peer certificate once per fingerprint (connections from one peer share
+ * the value). OpenSSL accepts a CA certificate as a client's leaf, and any key size its security
+ * level allows (RSA 1024 at level 1); ashmesh takes from peers only what it would take for itself.
+ */
+function inspectPeer(cert: X509Certificate): PeerCertificate {
   const key = cert.fingerprint256;
-  let peer = peerCache.get(key);
-  if (!peer) {
+  let entry = peerCache.get(key);
+  if (!entry) {
     if (peerCache.size >= 4096) peerCache.clear();
-    peer = peerIdentity(cert);
-    peerCache.set(key, peer);
+    const weak = weakKey(cert.publicKey);
+    entry = {
+      peer: peerIdentity(cert),
+      problem: cert.ca
+        ? "the certificate is a CA certificate (basicConstraints CA:TRUE), not a leaf"
+        : weak
+          ? `its key is too weak: ${weak}`
+          : null,
+    };
+    peerCache.set(key, entry);
   }
-  return peer;
+  return entry;
 }
 
 /**

@@ -1,0 +1,182 @@
+// Admission for the TLS listeners: every TCP connection is accepted here before a TLS handshake
+// may cost anything. Connections that have not finished their handshake are the attack surface
+// (slowloris, half-open floods, ClientHello floods): they are capped in total and per source
+// address, and a new one displaces the oldest rather than being refused, so an attacker cannot
+// hold the table against clients whose handshakes take milliseconds. Each gets a deadline for
+// its whole handshake. The first bytes are read here: a connection that never sends any was a
+// probe (a health check, a port scan) and is not a failed handshake; one whose first byte is not
+// a TLS record is told so and closed. Only then is the socket handed to the TLS server.
+import net, { type AddressInfo, type Socket } from "node:net";
+import type { Config } from "../config/schema.js";
+import type { FailureReason } from "./metrics.js";
+
+/** TLS record type of a handshake message (RFC 8446 §5.1): every ClientHello starts with it. */
+const TLS_HANDSHAKE_RECORD = 0x16;
+
+export type Refusal = Extract<FailureReason, "timeout" | "overload" | "not_tls">;
+
+interface Pending {
+  raw: Socket;
+  source: string;
+  acceptedAt: number;
+  timer: NodeJS.Timeout;
+  /** True once the first bytes arrived (the handshake started). */
+  started: boolean;
+}
+
+export interface AcceptorHooks {
+  /** A connection that started with a TLS record: hand it to the TLS server. */
+  handOver(raw: Socket): void;
+  /** A connection closed by admission itself, and why. */
+  refused(reason: Refusal, source: string, detail: string): void;
+  /** A connection whose first bytes are not TLS (`http` when they look like an HTTP request), to close. */
+  notTls(raw: Socket, http: boolean): void;
+}
+
+function key(socket: Pick<Socket, "remoteAddress" | "remotePort" | "localAddress" | "localPort">): string {
+  return `${socket.remoteAddress}|${socket.remotePort}|${socket.localAddress}|${socket.localPort}`;
+}
+
+/** "::ffff:10.0.0.1" and "10.0.0.1" are one source. */
+function sourceOf(raw: Socket): string {
+  const address = raw.remoteAddress ?? "unknown";
+  return address.startsWith("::ffff:") ? address.slice(7) : address;
+}
+
+export class Acceptor {
+  readonly server: net.Server;
+  /** Connections still in their handshake, oldest first (a Map keeps insertion order). */
+  private readonly pending = new Map<string, Pending>();
+  private readonly perSource = new Map<string, number>();
+  private open = 0;
+
+  constructor(
+    private readonly limits: Pick<
+      Config["limits"],
+      "maxConnections" | "maxPendingHandshakes" | "maxPendingHandshakesPerSource" | "handshakeTimeoutMs"
+    >,
+    private readonly hooks: AcceptorHooks,
+  ) {
+    this.server = net.createServer({ pauseOnConnect: true, noDelay: true }, (raw) => this.accept(raw));
+  }
+
+  /** Connections accepted and not yet closed, handshaking or not. */
+  get openConnections(): number {
+    return this.open;
+  }
+
+  get pendingHandshakes(): number {
+    return this.pending.size;
+  }
+
+  listen(target: { port: number; host: string } | { fd: number }): Promise<AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen(target, () => {
+        this.server.off("error", reject);
+        resolve(this.server.address() as AddressInfo);
+      });
+    });
+  }
+
+  private accept(raw: Socket): void {
+    const source = sourceOf(raw);
+    if (this.open >= this.limits.maxConnections) {
+      this.hooks.refused("overload", source, `limits.maxConnections (${this.limits.maxConnections}) reached`);
+      raw.destroy();
+      return;
+    }
+    this.open++;
+    const id = key(raw);
+    raw.once("close", () => {
+      this.open--;
+      this.forget(id);
+    });
+    raw.on("error", () => raw.destroy()); // a reset before the TLS server owns the socket
+    this.makeRoom(source);
+    const entry: Pending = {
+      raw,
+      source,
+      acceptedAt: performance.now(),
+      started: false,
+      timer: setTimeout(() => {
+        this.forget(id);
+        this.hooks.refused(
+          "timeout",
+          source,
+          `no TLS handshake within limits.handshakeTimeoutMs (${this.limits.handshakeTimeoutMs} ms)${entry.started ? "" : ": the client sent nothing"}`,
+        );
+        raw.destroy();
+      }, this.limits.handshakeTimeoutMs),
+    };
+    this.pending.set(id, entry);
+    this.perSource.set(source, (this.perSource.get(source) ?? 0) + 1);
+    raw.once("data", (chunk: Buffer) => {
+      entry.started = true;
+      if (chunk[0] !== TLS_HANDSHAKE_RECORD) {
+        this.forget(id);
+        this.hooks.notTls(raw, /^[A-Z]{3,10} /.test(chunk.subarray(0, 12).toString("latin1")));
+        return;
+      }
+      raw.pause();
+      raw.unshift(chunk);
+      this.hooks.handOver(raw);
+      // The TLS socket reads what was put back, then the rest from the wire.
+      process.nextTick(() => raw.resume());
+    });
+    raw.resume();
+  }
+
+  /**
+   * Keeps the handshake table within its caps before a new entry: the oldest connection of the
+   * same source when that source is at its cap, else the oldest of all when the table is full.
+   */
+  private makeRoom(source: string): void {
+    const { maxPendingHandshakes, maxPendingHandshakesPerSource } = this.limits;
+    if ((this.perSource.get(source) ?? 0) >= maxPendingHandshakesPerSource) {
+      for (const [id, p] of this.pending) {
+        if (p.source !== source) continue;
+        this.evict(
+          id,
+          p,
+          `limits.maxPendingHandshakesPerSource (${maxPendingHandshakesPerSource}) reached for ${source}`,
+        );
+        break;
+      }
+    }
+    if (this.pending.size >= maxPendingHandshakes) {
+      const [id, p] = this.pending.entries().next().value as [string, Pending];
+      this.evict(id, p, `limits.maxPendingHandshakes (${maxPendingHandshakes}) reached`);
+    }
+  }
+
+  private evict(id: string, p: Pending, detail: string): void {
+    this.forget(id);
+    this.hooks.refused("overload", p.source, `${detail}: the oldest unfinished handshake was closed`);
+    p.raw.destroy();
+  }
+
+  private forget(id: string): Pending | undefined {
+    const p = this.pending.get(id);
+    if (!p) return undefined;
+    clearTimeout(p.timer);
+    this.pending.delete(id);
+    const n = (this.perSource.get(p.source) ?? 1) - 1;
+    if (n > 0) this.perSource.set(p.source, n);
+    else this.perSource.delete(p.source);
+    return p;
+  }
+
+  /**
+   * The TLS handshake of `socket` is over, done or failed (the TLS socket stands for the raw one,
+   * matched by address): the seconds since its TCP accept, or null when it was not pending.
+   */
+  settled(socket: Socket): number | null {
+    const p = this.forget(key(socket));
+    return p ? (performance.now() - p.acceptedAt) / 1000 : null;
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
