@@ -154,6 +154,8 @@ export const configSchema = z.strictObject({
       // the oldest such connection is closed to make room (a handshake takes milliseconds).
       maxPendingHandshakes: z.number().int().positive().default(512),
       maxPendingHandshakesPerSource: z.number().int().positive().default(128),
+      // New connections a second from one source address (a burst of twice as many); 0: no limit.
+      handshakesPerSecondPerSource: z.number().int().min(0).default(0),
       // The whole TLS handshake, from TCP accept, must be done within this.
       handshakeTimeoutMs: positiveMs.default(5_000),
       // A request with more header lines, or a larger head, gets 431 and its connection closes.

@@ -13,8 +13,6 @@ import type { FailureReason } from "./metrics.js";
 /** TLS record type of a handshake message (RFC 8446 §5.1): every ClientHello starts with it. */
 const TLS_HANDSHAKE_RECORD = 0x16;
 
-export type Refusal = Extract<FailureReason, "timeout" | "overload" | "not_tls">;
-
 interface Pending {
   raw: Socket;
   source: string;
@@ -22,13 +20,18 @@ interface Pending {
   timer: NodeJS.Timeout;
   /** True once the first bytes arrived (the handshake started). */
   started: boolean;
+  /** Why the TLS server failed the handshake, when it said so before the connection closed. */
+  failure: { reason: FailureReason; detail: string } | null;
 }
 
 export interface AcceptorHooks {
   /** A connection that started with a TLS record: hand it to the TLS server. */
   handOver(raw: Socket): void;
-  /** A connection closed by admission itself, and why. */
-  refused(reason: Refusal, source: string, detail: string): void;
+  /**
+   * A handshake that failed, once per connection: closed by admission (timeout, overload), failed
+   * by TLS (the reason it gave), or ended by the client midway (aborted).
+   */
+  failed(reason: FailureReason, source: string, detail: string): void;
   /** A connection whose first bytes are not TLS (`http` when they look like an HTTP request), to close. */
   notTls(raw: Socket, http: boolean): void;
 }
@@ -49,14 +52,20 @@ export class Acceptor {
   private readonly pending = new Map<string, Pending>();
   private readonly perSource = new Map<string, number>();
   private open = 0;
+  private readonly rate: SourceRate;
 
   constructor(
     private readonly limits: Pick<
       Config["limits"],
-      "maxConnections" | "maxPendingHandshakes" | "maxPendingHandshakesPerSource" | "handshakeTimeoutMs"
+      | "maxConnections"
+      | "maxPendingHandshakes"
+      | "maxPendingHandshakesPerSource"
+      | "handshakeTimeoutMs"
+      | "handshakesPerSecondPerSource"
     >,
     private readonly hooks: AcceptorHooks,
   ) {
+    this.rate = new SourceRate(limits.handshakesPerSecondPerSource);
     this.server = net.createServer({ pauseOnConnect: true, noDelay: true }, (raw) => this.accept(raw));
   }
 
@@ -82,15 +91,32 @@ export class Acceptor {
   private accept(raw: Socket): void {
     const source = sourceOf(raw);
     if (this.open >= this.limits.maxConnections) {
-      this.hooks.refused("overload", source, `limits.maxConnections (${this.limits.maxConnections}) reached`);
+      this.hooks.failed("overload", source, `limits.maxConnections (${this.limits.maxConnections}) reached`);
+      raw.destroy();
+      return;
+    }
+    if (!this.rate.take(source)) {
+      this.hooks.failed(
+        "overload",
+        source,
+        `limits.handshakesPerSecondPerSource (${this.limits.handshakesPerSecondPerSource}) exceeded by ${source}`,
+      );
       raw.destroy();
       return;
     }
     this.open++;
     const id = key(raw);
+    // A connection that closes while its handshake is pending failed it, unless it was a probe
+    // that never sent a byte; the reason is the TLS server's when it gave one.
     raw.once("close", () => {
       this.open--;
-      this.forget(id);
+      const p = this.forget(id);
+      if (!p?.started) return;
+      this.hooks.failed(
+        p.failure?.reason ?? "aborted",
+        p.source,
+        p.failure?.detail ?? "the client closed the connection during the handshake",
+      );
     });
     raw.on("error", () => raw.destroy()); // a reset before the TLS server owns the socket
     this.makeRoom(source);
@@ -99,9 +125,10 @@ export class Acceptor {
       source,
       acceptedAt: performance.now(),
       started: false,
+      failure: null,
       timer: setTimeout(() => {
         this.forget(id);
-        this.hooks.refused(
+        this.hooks.failed(
           "timeout",
           source,
           `no TLS handshake within limits.handshakeTimeoutMs (${this.limits.handshakeTimeoutMs} ms)${entry.started ? "" : ": the client sent nothing"}`,
@@ -152,7 +179,7 @@ export class Acceptor {
 
   private evict(id: string, p: Pending, detail: string): void {
     this.forget(id);
-    this.hooks.refused("overload", p.source, `${detail}: the oldest unfinished handshake was closed`);
+    this.hooks.failed("overload", p.source, `${detail}: the oldest unfinished handshake was closed`);
     p.raw.destroy();
   }
 
@@ -168,15 +195,54 @@ export class Acceptor {
   }
 
   /**
-   * The TLS handshake of `socket` is over, done or failed (the TLS socket stands for the raw one,
-   * matched by address): the seconds since its TCP accept, or null when it was not pending.
+   * The TLS handshake of `socket` completed (the TLS socket stands for the raw one, matched by
+   * address): the seconds since its TCP accept, or null when it was not pending.
    */
   settled(socket: Socket): number | null {
     const p = this.forget(key(socket));
     return p ? (performance.now() - p.acceptedAt) / 1000 : null;
   }
 
+  /**
+   * The TLS server failed the handshake of `socket`: the reason is counted when the connection
+   * closes. A socket already closed no longer has its address; it is counted as aborted.
+   */
+  failedHandshake(socket: Socket, reason: FailureReason, detail: string): void {
+    const p = this.pending.get(key(socket));
+    if (p) p.failure = { reason, detail };
+  }
+
   close(): Promise<void> {
     return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+/**
+ * New connections per second from one source address, as a token bucket (a burst of twice the
+ * rate). A ClientHello costs the server a key exchange and a signature and the client almost
+ * nothing; in a mesh, callers are sidecars that pool and resume connections, so a source opening
+ * hundreds a second is a flood. 0 turns it off (the default: behind NAT or rootless Podman's port
+ * forwarding, every client may share one source address).
+ */
+class SourceRate {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+
+  constructor(private readonly perSecond: number) {}
+
+  take(source: string): boolean {
+    if (this.perSecond <= 0) return true;
+    const now = performance.now();
+    const burst = this.perSecond * 2;
+    let bucket = this.buckets.get(source);
+    if (!bucket) {
+      if (this.buckets.size >= 4096) this.buckets.clear(); // bounded when sources churn
+      bucket = { tokens: burst, at: now };
+      this.buckets.set(source, bucket);
+    }
+    bucket.tokens = Math.min(burst, bucket.tokens + ((now - bucket.at) / 1000) * this.perSecond);
+    bucket.at = now;
+    if (bucket.tokens < 1) return false;
+    bucket.tokens -= 1;
+    return true;
   }
 }

@@ -124,10 +124,13 @@ export function sendError(res: ServerResponse, error: ProxyError): void {
  * hands over without a response object (a parse error, CONNECT, an upgrade).
  */
 export function writeSocketError(socket: Duplex, error: ProxyError): void {
+  // Node's parser reports the rest of a broken head again: the answer went out with the first.
+  if (answered.has(socket)) return;
   if (!socket.writable) {
     socket.destroy();
     return;
   }
+  answered.add(socket);
   const body = error.body();
   socket.end(
     `HTTP/1.1 ${error.status} ${STATUS_CODES[error.status] ?? ""}\r\n` +
@@ -137,6 +140,30 @@ export function writeSocketError(socket: Duplex, error: ProxyError): void {
       "connection: close\r\n\r\n" +
       body,
   );
+  lingerThenClose(socket);
+}
+
+const answered = new WeakSet<Duplex>();
+
+/** How long, and how many bytes, a refused client may go on sending before its connection is reset. */
+const LINGER_MS = 2_000;
+const LINGER_BYTES = 1 << 20;
+
+/**
+ * A client still sending (a large head or body) when the answer goes out would get a TCP reset
+ * on close, and a reset can destroy the answer before the client reads it. So the rest is read
+ * and dropped for a moment first, as nginx's lingering close does; never more than LINGER_BYTES.
+ */
+function lingerThenClose(socket: Duplex): void {
+  let bytes = 0;
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.on("data", (chunk: Buffer) => {
+    bytes += chunk.length;
+    if (bytes > LINGER_BYTES) socket.destroy();
+  });
+  socket.once("close", () => clearTimeout(timer));
+  socket.resume();
 }
 
 /**

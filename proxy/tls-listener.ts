@@ -44,8 +44,7 @@ export class TlsListener {
       // refusal is counted and logged with its real reason.
       requestCert: true,
       rejectUnauthorized: false,
-      // The acceptor's deadline covers the whole handshake; this one backs it up inside TLS.
-      handshakeTimeout: config.limits.handshakeTimeoutMs,
+      // The acceptor's deadline covers the whole handshake, from TCP accept (Node's would start later).
       ticketKeys: randomBytes(48),
     } as tls.TlsOptions);
     this.tlsServer.on("secureConnection", (socket: TLSSocket) => this.onSecureConnection(socket));
@@ -54,7 +53,7 @@ export class TlsListener {
     );
     this.acceptor = new Acceptor(config.limits, {
       handOver: (raw) => this.tlsServer.emit("connection", raw),
-      refused: (reason, source, detail) => {
+      failed: (reason, source, detail) => {
         metrics.handshakeFailed("inbound", reason);
         logger.warn({
           event: "mtls_handshake_failed",
@@ -143,20 +142,11 @@ export class TlsListener {
     this.options.onConnection(socket, state);
   }
 
+  /** The acceptor counts and logs the failure once the connection closes (acceptor.ts). */
   private onTlsError(err: NodeJS.ErrnoException, socket: Socket): void {
-    this.acceptor.settled(socket);
-    // Only connections that sent a TLS record get here (acceptor.ts): a reset now is a client
-    // that gave up mid-handshake (or a ClientHello flood), never a port probe.
-    const reason = err.code === "ECONNRESET" ? "aborted" : failureReason(err.code);
-    this.options.metrics.handshakeFailed("inbound", reason);
-    this.options.logger.warn({
-      event: "mtls_handshake_failed",
-      direction: "inbound",
-      listener: this.options.name,
-      reason,
-      detail: err.code ?? err.message,
-      remote_addr: socket.remoteAddress ?? "unknown",
-    });
+    // A reset is a client that gave up mid-handshake (or a ClientHello flood): the acceptor's default.
+    if (err.code === "ECONNRESET") return;
+    this.acceptor.failedHandshake(socket, failureReason(err.code), err.code ?? err.message);
   }
 
   /**

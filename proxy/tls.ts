@@ -92,6 +92,9 @@ function negotiated(socket: TLSSocket): Negotiated {
 function chainRefusal(socket: TLSSocket, cert: X509Certificate, trust: readonly X509Certificate[]): Refused | null {
   if (socket.authorized) return null;
   const code = String(socket.authorizationError ?? "UNKNOWN");
+  // OpenSSL refuses a key below its security level, and Node reports that as UNSPECIFIED: say why.
+  const problem = code === "UNSPECIFIED" ? inspectPeer(cert).problem : null;
+  if (problem) return { kind: "refused", reason: "bad_certificate", detail: problem, subject: commonName(cert) };
   return { kind: "refused", reason: refusalReason(code, cert, trust), detail: code, subject: commonName(cert) };
 }
 
