@@ -5,6 +5,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Dispatcher } from "undici";
 import type { Config } from "../config/schema.js";
 import { fromUpstreamError, ProxyError, sendError } from "./errors.js";
+import type { Protocol } from "./metrics.js";
 import { XFCC } from "./xfcc.js";
 
 /** Never forwarded, whatever the Connection header says (plus any header it names). */
@@ -105,6 +106,17 @@ export function refuseRequest(
   }
   if (hosts > 1) return new ProxyError("bad_request", "the request has more than one Host header");
   return null;
+}
+
+/** The `protocol` label of a request: HTTP/1.x, HTTP/2, or gRPC (HTTP/2 with a gRPC content type). */
+export function protocolOf(req: Pick<IncomingMessage, "httpVersionMajor" | "headers">): Protocol {
+  if (req.httpVersionMajor !== 2) return "http1";
+  return isGrpc(req.headers["content-type"]) ? "grpc" : "h2";
+}
+
+/** application/grpc, application/grpc+proto, application/grpc-web… (gRPC's wire content types). */
+export function isGrpc(contentType: string | undefined): boolean {
+  return contentType !== undefined && contentType.startsWith("application/grpc");
 }
 
 function hasBody(req: IncomingMessage): boolean {

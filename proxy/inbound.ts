@@ -8,7 +8,7 @@ import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
-import { forward, forwardRequestHeaders, refuseRequest } from "./forward.js";
+import { forward, forwardRequestHeaders, protocolOf, refuseRequest } from "./forward.js";
 import type { Identity } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
@@ -63,6 +63,7 @@ export class Inbound {
       metrics: deps.metrics,
       logger: deps.logger,
       verifyClient: config.inbound.verifyClient,
+      protocol: (socket) => (socket.alpnProtocol === "h2" ? "h2" : "http1"),
       onConnection: (socket, state) => this.onConnection(socket, state),
     });
     this.httpServer = http.createServer(
@@ -82,7 +83,7 @@ export class Inbound {
     });
     this.httpServer.on("clientError", (err: NodeJS.ErrnoException, socket: InboundSocket) => {
       const status = answerClientError(err, socket);
-      if (status) socket[kConnection]?.recorder.record(status, 0);
+      if (status) socket[kConnection]?.recorder.record("http1", status, 0);
     });
   }
 
@@ -131,8 +132,9 @@ export class Inbound {
       return;
     }
     const url = req.url ?? "/";
+    const protocol = protocolOf(req);
     const done = (status: number) => {
-      connection.recorder.record(status, (performance.now() - started) / 1000);
+      connection.recorder.record(protocol, status, (performance.now() - started) / 1000);
       connection.edge.hit();
     };
     const refused =

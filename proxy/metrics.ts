@@ -35,8 +35,13 @@ const DAY_MS = 86_400_000;
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 const HANDSHAKE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 
+/** What a request or connection carried: the `protocol` label. */
+export type Protocol = "http1" | "h2" | "grpc" | "ws" | "tcp";
+/** A connection is HTTP/1.1, HTTP/2 (gRPC rides on it) or a TCP tunnel. */
+export type ConnectionProtocol = Extract<Protocol, "http1" | "h2" | "tcp">;
+
 export interface RequestRecorder {
-  record(code: number, seconds: number): void;
+  record(protocol: Protocol, code: number, seconds: number): void;
 }
 
 export class Metrics {
@@ -46,9 +51,9 @@ export class Metrics {
   readonly handshakeDuration: Histogram<"direction">;
   readonly revokedConnections: Counter<"direction">;
   readonly authzDenied: Counter<"identity" | "route">;
-  readonly requests: Counter<"direction" | "peer" | "code">;
-  readonly requestDuration: Histogram<"direction" | "peer">;
-  readonly openConnections: Gauge<"direction">;
+  readonly requests: Counter<"direction" | "peer" | "code" | "protocol">;
+  readonly requestDuration: Histogram<"direction" | "peer" | "protocol">;
+  readonly openConnections: Gauge<"direction" | "protocol">;
   readonly certReloads: Counter<"result">;
   private readonly recorders = new Map<string, RequestRecorder>();
 
@@ -88,21 +93,21 @@ export class Metrics {
     });
     this.requests = new Counter({
       name: "mtls_requests_total",
-      help: "HTTP requests proxied, by direction, peer identity and status code.",
-      labelNames: ["direction", "peer", "code"],
+      help: "Requests proxied, by direction, peer identity, status code and protocol.",
+      labelNames: ["direction", "peer", "code", "protocol"],
       registers,
     });
     this.requestDuration = new Histogram({
       name: "mtls_request_duration_seconds",
       help: "Time from a request's arrival to the end of its response, by direction and peer.",
-      labelNames: ["direction", "peer"],
+      labelNames: ["direction", "peer", "protocol"],
       buckets: LATENCY_BUCKETS,
       registers,
     });
     this.openConnections = new Gauge({
       name: "mtls_open_connections",
-      help: "Open mTLS connections, by direction.",
-      labelNames: ["direction"],
+      help: "Open mTLS connections, by direction and protocol (http1, h2, tcp).",
+      labelNames: ["direction", "protocol"],
       registers,
     });
     this.certReloads = new Counter({
@@ -139,7 +144,7 @@ export class Metrics {
     });
     // Every direction shows up at 0 rather than being absent until the first event.
     for (const direction of ["inbound", "outbound"] as const) {
-      this.openConnections.set({ direction }, 0);
+      for (const protocol of ["http1", "h2"] as const) this.openConnections.set({ direction, protocol }, 0);
       this.revokedConnections.inc({ direction }, 0);
       for (const result of ["ok", "failed"]) this.handshakes.inc({ direction, result }, 0);
     }
@@ -157,25 +162,43 @@ export class Metrics {
     if (reason === "revoked") this.revokedConnections.inc({ direction });
   }
 
+  /** Counts `socket` in mtls_open_connections until it closes. */
+  trackConnection(
+    direction: Direction,
+    protocol: ConnectionProtocol,
+    socket: { once(event: "close", fn: () => void): unknown },
+  ): void {
+    const gauge = this.openConnections.labels(direction, protocol);
+    gauge.inc();
+    socket.once("close", () => gauge.dec());
+  }
+
   /**
-   * A recorder for one (direction, peer) pair, cached: the label lookups happen once per pair,
-   * not once per request. Peers are verified identities, so the cache is bounded by the mesh.
+   * A recorder for one (direction, peer) pair, cached: the label lookups happen once per pair
+   * and protocol, not once per request. Peers are verified identities, so the cache is bounded
+   * by the mesh.
    */
   recorder(direction: Direction, peer: string): RequestRecorder {
     const key = `${direction}\u0000${peer}`;
     let recorder = this.recorders.get(key);
     if (!recorder) {
-      const duration = this.requestDuration.labels(direction, peer);
-      const byCode = new Map<number, ReturnType<typeof this.requests.labels>>();
-      const requests = this.requests;
+      const durations = new Map<Protocol, ReturnType<typeof this.requestDuration.labels>>();
+      const counters = new Map<string, ReturnType<typeof this.requests.labels>>();
+      const { requests, requestDuration } = this;
       recorder = {
-        record(code, seconds) {
-          let counter = byCode.get(code);
+        record(protocol, code, seconds) {
+          const id = `${protocol}${code}`;
+          let counter = counters.get(id);
           if (!counter) {
-            counter = requests.labels(direction, peer, String(code));
-            byCode.set(code, counter);
+            counter = requests.labels(direction, peer, String(code), protocol);
+            counters.set(id, counter);
           }
           counter.inc();
+          let duration = durations.get(protocol);
+          if (!duration) {
+            duration = requestDuration.labels(direction, peer, protocol);
+            durations.set(protocol, duration);
+          }
           duration.observe(seconds);
         },
       };

@@ -12,7 +12,7 @@ import { parseHostPort } from "../config/schema.js";
 import { mtlsConnector, type Upstream } from "./connector.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
-import { forward, forwardRequestHeaders, refuseRequest } from "./forward.js";
+import { forward, forwardRequestHeaders, protocolOf, refuseRequest } from "./forward.js";
 import type { Identity } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
@@ -140,7 +140,7 @@ export class Outbound {
     });
     server.on("clientError", (err: NodeJS.ErrnoException, socket: Socket) => {
       const status = answerClientError(err, socket);
-      if (status) this.unverified.record(status, 0);
+      if (status) this.unverified.record("http1", status, 0);
     });
     return server;
   }
@@ -215,8 +215,7 @@ export class Outbound {
       {
         connected: (socket, state, seconds) => {
           metrics.handshakeOk("outbound", seconds);
-          metrics.openConnections.inc({ direction: "outbound" });
-          socket.once("close", () => metrics.openConnections.dec({ direction: "outbound" }));
+          metrics.trackConnection("outbound", socket.alpnProtocol === "h2" ? "h2" : "http1", socket);
           labels().edge.tls(state.version, state.cipher);
           logger.info({
             event: "mtls_handshake_complete",
@@ -263,7 +262,7 @@ export class Outbound {
       // The body, if any, is not read: nothing after a refused head may be taken as a request.
       res.shouldKeepAlive = false;
       sendError(res, refused);
-      this.unverified.record(refused.status, (performance.now() - started) / 1000);
+      this.unverified.record(protocolOf(req), refused.status, (performance.now() - started) / 1000);
       return;
     }
     let upstream = fixed;
@@ -284,6 +283,7 @@ export class Outbound {
       if (!path.startsWith("/")) path = originForm(path);
     }
     if (this.draining) res.shouldKeepAlive = false;
+    const protocol = protocolOf(req);
     const route = this.route(upstream, fixed === null && !this.exactDestinations.has(upstream.identity));
     forward(req, res, {
       dispatcher: route.pool,
@@ -295,13 +295,13 @@ export class Outbound {
       done: (status) => {
         const seconds = (performance.now() - started) / 1000;
         if (route.labels) {
-          route.labels.recorder.record(status, seconds);
+          route.labels.recorder.record(protocol, status, seconds);
           route.labels.edge.hit();
           return;
         }
         // A wildcard name no server has proved (it does not resolve, refuses, or failed the
         // handshake): one shared label, and the route is dropped so made-up names cost nothing.
-        this.unverified.record(status, seconds);
+        this.unverified.record(protocol, status, seconds);
         if (this.generation.routes.get(route.upstream) === route) {
           this.generation.routes.delete(route.upstream);
           this.upstreams.delete(route.upstream.identity);

@@ -10,7 +10,7 @@ import { Acceptor } from "./acceptor.js";
 import { type Identity, isRevoked } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
-import type { Metrics } from "./metrics.js";
+import type { ConnectionProtocol, Metrics } from "./metrics.js";
 import { classifyInbound, failureReason, type PeerTls, serverTlsOptions } from "./tls.js";
 import { chainToCa, sha256Of } from "./x509.js";
 
@@ -25,6 +25,8 @@ export interface TlsListenerOptions {
   metrics: Metrics;
   logger: Logger;
   verifyClient: boolean;
+  /** What a connection carries, for mtls_open_connections: by its ALPN, or always tcp. */
+  protocol(socket: TLSSocket): ConnectionProtocol;
   /** A connection that passed the handshake; the listener has registered it and will close it on revocation. */
   onConnection(socket: TLSSocket, state: Accepted): void;
 }
@@ -121,11 +123,8 @@ export class TlsListener {
     }
     metrics.handshakeOk("inbound", seconds ?? 0);
     this.connections.set(socket, state);
-    metrics.openConnections.inc({ direction: "inbound" });
-    socket.once("close", () => {
-      this.connections.delete(socket);
-      metrics.openConnections.dec({ direction: "inbound" });
-    });
+    metrics.trackConnection("inbound", this.options.protocol(socket), socket);
+    socket.once("close", () => this.connections.delete(socket));
     const ours = this.identity.server.peer;
     logger.info({
       event: "mtls_handshake_complete",
