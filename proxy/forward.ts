@@ -116,7 +116,7 @@ export function protocolOf(req: Pick<IncomingMessage, "httpVersionMajor" | "head
 
 /** application/grpc, application/grpc+proto, application/grpc-web… (gRPC's wire content types). */
 export function isGrpc(contentType: string | undefined): boolean {
-  return contentType !== undefined && contentType.startsWith("application/grpc");
+  return contentType?.startsWith("application/grpc") === true;
 }
 
 function hasBody(req: IncomingMessage): boolean {
