@@ -117,6 +117,8 @@ export const configSchema = z.strictObject({
       listen: listen.default({ host: "0.0.0.0", port: 8443 }),
       verifyClient: z.boolean().default(true),
       app: httpUrl.default("http://127.0.0.1:9502"),
+      // What the app speaks: HTTP/1.1, or HTTP/2 cleartext with prior knowledge (gRPC servers).
+      appProtocol: z.enum(["http1", "h2c"]).default("http1"),
       // Absent: any identity the mesh CA signed. []: nobody.
       allow: z.array(identityPattern).optional(),
       routes: z.array(route).default([]),

@@ -27,6 +27,10 @@ export interface TlsListenerOptions {
   verifyClient: boolean;
   /** What a connection carries, for mtls_open_connections: by its ALPN, or always tcp. */
   protocol(socket: TLSSocket): ConnectionProtocol;
+  /** ALPN protocols offered, in order of preference (none: no ALPN). */
+  alpn?: string[];
+  /** Closes a connection whose peer is no longer trusted (default: destroy the socket). */
+  close?(socket: TLSSocket): void;
   /** A connection that passed the handshake; the listener has registered it and will close it on revocation. */
   onConnection(socket: TLSSocket, state: Accepted): void;
 }
@@ -48,6 +52,7 @@ export class TlsListener {
       rejectUnauthorized: false,
       // The acceptor's deadline covers the whole handshake, from TCP accept (Node's would start later).
       ticketKeys: randomBytes(48),
+      ...(options.alpn ? { ALPNProtocols: options.alpn } : {}),
     } as tls.TlsOptions);
     this.tlsServer.on("secureConnection", (socket: TLSSocket) => this.onSecureConnection(socket));
     this.tlsServer.on("tlsClientError", (err: NodeJS.ErrnoException, socket: TLSSocket) =>
@@ -135,6 +140,7 @@ export class TlsListener {
       direction: "inbound",
       remote_addr: remote,
       resumed: state.resumed,
+      alpn: socket.alpnProtocol || null,
       ...(name !== "inbound" ? { listener: name } : {}),
       ...(state.kind === "unauthenticated" ? { unauthenticated: true } : {}),
     });
@@ -188,7 +194,8 @@ export class TlsListener {
         serial: peer.serial,
         remote_addr: socket.remoteAddress,
       });
-      socket.destroy();
+      if (this.options.close) this.options.close(socket);
+      else socket.destroy();
     }
   }
 

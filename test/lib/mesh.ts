@@ -176,17 +176,21 @@ export async function sidecar(
   };
 }
 
-/** The value of one sample in Prometheus text, 0 when absent. */
+/**
+ * The value of a sample in Prometheus text, 0 when absent; the sum of every series that carries
+ * `labels` (so {direction: "outbound"} counts connections of every protocol).
+ */
 export function sample(text: string, name: string, labels: Record<string, string> = {}): number {
+  let sum = 0;
   for (const line of text.split("\n")) {
     if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
     const match = /^([^{\s]+)(?:\{(.*)\})?\s+(\S+)$/.exec(line);
     if (!match || match[1] !== name) continue;
     const found: Record<string, string> = {};
     for (const m of (match[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) found[m[1] as string] = m[2] as string;
-    if (Object.entries(labels).every(([k, v]) => found[k] === v)) return Number(match[3]);
+    if (Object.entries(labels).every(([k, v]) => found[k] === v)) sum += Number(match[3]);
   }
-  return 0;
+  return sum;
 }
 
 /** An undici Agent presenting NAME's certificate (or none) and trusting the dev CA. */
