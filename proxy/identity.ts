@@ -359,6 +359,23 @@ async function parseCrls(
   return lists;
 }
 
+/**
+ * A CRL file's content checked against a CA bundle exactly as a reload would check it (signed by a
+ * CA of the bundle, not past its nextUpdate, one for every CA): what the CRL fetcher runs before it
+ * writes tls.crl, so that a list the sidecar would refuse is never written.
+ */
+export async function validateCrls(
+  files: { ca: string; crl: string },
+  caPem: Buffer,
+  crlPem: Buffer,
+  now = new Date(),
+): Promise<{ lists: ParsedCrl[]; findings: Finding[]; failed: boolean }> {
+  const findings = new Findings();
+  const bundle = parseCertificates(findings, "tls.ca", files.ca, caPem);
+  const lists = bundle ? await parseCrls(findings, files.crl, crlPem, bundle, now) : [];
+  return { lists, findings: findings.list, failed: findings.failed };
+}
+
 export function isRevoked(identity: Pick<Identity, "crl">, serial: string): boolean {
   if (!identity.crl) return false;
   const normalized = normalizeSerial(serial);

@@ -6,6 +6,7 @@ import type { AddressInfo, Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
+import type { ChallengeResponder } from "./acme-challenge.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
 import { forward, forwardRequestHeaders, refuseRequest } from "./forward.js";
@@ -35,6 +36,8 @@ export interface InboundDeps {
   metrics: Metrics;
   logger: Logger;
   edges: Edges;
+  /** ACME's challenge responder, when tls-alpn-01 is answered on this listener. */
+  acme?: ChallengeResponder | null;
 }
 
 export class Inbound {
@@ -63,6 +66,7 @@ export class Inbound {
       metrics: deps.metrics,
       logger: deps.logger,
       verifyClient: config.inbound.verifyClient,
+      acme: deps.acme ?? null,
       onConnection: (socket, state) => this.onConnection(socket, state),
     });
     this.httpServer = http.createServer(

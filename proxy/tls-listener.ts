@@ -7,6 +7,7 @@ import type { AddressInfo, Socket } from "node:net";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
 import { Acceptor } from "./acceptor.js";
+import { ChallengeResponder } from "./acme-challenge.js";
 import { type Identity, isRevoked } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
@@ -25,6 +26,8 @@ export interface TlsListenerOptions {
   metrics: Metrics;
   logger: Logger;
   verifyClient: boolean;
+  /** With ACME's tls-alpn-01: connections offering ALPN acme-tls/1 go there instead of the mTLS server. */
+  acme?: ChallengeResponder | null;
   /** A connection that passed the handshake; the listener has registered it and will close it on revocation. */
   onConnection(socket: TLSSocket, state: Accepted): void;
 }
@@ -52,35 +55,46 @@ export class TlsListener {
     this.tlsServer.on("tlsClientError", (err: NodeJS.ErrnoException, socket: TLSSocket) =>
       this.onTlsError(err, socket),
     );
-    this.acceptor = new Acceptor(config.limits, {
-      handOver: (raw) => this.tlsServer.emit("connection", raw),
-      refused: (reason, source, detail) => {
-        metrics.handshakeFailed("inbound", reason);
-        logger.warn({
-          event: "mtls_handshake_failed",
-          direction: "inbound",
-          listener: name,
-          reason,
-          detail,
-          remote_addr: source,
-        });
+    const acme = options.acme ?? null;
+    this.acceptor = new Acceptor(
+      config.limits,
+      {
+        handOver: (raw, hello) => {
+          if (acme && ChallengeResponder.wants(hello)) {
+            this.acceptor.settled(raw); // not an mTLS handshake: neither counted nor timed as one
+            acme.handle(raw);
+          } else this.tlsServer.emit("connection", raw);
+        },
+        refused: (reason, source, detail) => {
+          metrics.handshakeFailed("inbound", reason);
+          logger.warn({
+            event: "mtls_handshake_failed",
+            direction: "inbound",
+            listener: name,
+            reason,
+            detail,
+            remote_addr: source,
+          });
+        },
+        // Closed without an answer: nothing but TLS is ever spoken on this port; the log says why.
+        notTls: (raw, http) => {
+          metrics.handshakeFailed("inbound", "not_tls");
+          logger.warn({
+            event: "mtls_handshake_failed",
+            direction: "inbound",
+            listener: name,
+            reason: "not_tls",
+            detail: http
+              ? "a plain HTTP request on the mTLS port: connect with https and a client certificate"
+              : "the first bytes are not a TLS record",
+            remote_addr: raw.remoteAddress ?? "unknown",
+          });
+          raw.destroy();
+        },
       },
-      // Closed without an answer: nothing but TLS is ever spoken on this port; the log says why.
-      notTls: (raw, http) => {
-        metrics.handshakeFailed("inbound", "not_tls");
-        logger.warn({
-          event: "mtls_handshake_failed",
-          direction: "inbound",
-          listener: name,
-          reason: "not_tls",
-          detail: http
-            ? "a plain HTTP request on the mTLS port: connect with https and a client certificate"
-            : "the first bytes are not a TLS record",
-          remote_addr: raw.remoteAddress ?? "unknown",
-        });
-        raw.destroy();
-      },
-    });
+      // Only with ACME does the listener need the whole ClientHello before the TLS server does.
+      { readHello: acme !== null },
+    );
     this.acceptor.server.on("error", (err) => logger.error({ event: "listener_error", listener: name, err }));
   }
 

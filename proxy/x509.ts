@@ -293,3 +293,21 @@ export async function crlSigner(crl: Crl, bundle: readonly X509Certificate[]): P
   for (const ca of bundle) if (await crlSignedBy(crl, ca)) return ca;
   return null;
 }
+
+/**
+ * The http(s) URLs of a certificate's CRL distribution points (RFC 5280 §4.2.1.13), where its
+ * issuer publishes the CRL that covers it. LDAP and other schemes are left out.
+ */
+export async function crlDistributionPoints(cert: X509Certificate): Promise<string[]> {
+  const x509 = await peculiar();
+  const parsed = new x509.X509Certificate(new Uint8Array(cert.raw));
+  const extension = parsed.getExtension(x509.CRLDistributionPointsExtension);
+  const urls: string[] = [];
+  for (const point of extension?.distributionPoints ?? []) {
+    for (const name of point.distributionPoint?.fullName ?? []) {
+      const uri = name.uniformResourceIdentifier;
+      if (uri && /^https?:\/\//i.test(uri)) urls.push(uri);
+    }
+  }
+  return urls;
+}
