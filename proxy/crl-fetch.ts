@@ -143,7 +143,13 @@ export class CrlFetcher {
       : [toPem(body)];
     if (pems.length === 0) throw new Error("no CRL in the answer");
     const out: Fetched[] = [];
-    for (const pem of pems) out.push({ url, pem, crl: await parseCrl(pem) });
+    for (const pem of pems) {
+      try {
+        out.push({ url, pem, crl: await parseCrl(pem) });
+      } catch (err) {
+        throw new Error(`the answer is not a CRL (${(err as Error).message})`);
+      }
+    }
     return out;
   }
 
