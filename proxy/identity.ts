@@ -5,6 +5,7 @@ import { createHash, createPrivateKey, type KeyObject, X509Certificate } from "n
 import { readFileSync, statSync } from "node:fs";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
 import {
+  allowsCrlSigning,
   chainToCa,
   crlSigner,
   EKU,
@@ -323,6 +324,15 @@ async function parseCrls(
       // Harmless (no peer of that CA is trusted), and normal for a moment while a CA roll
       // rewrites the bundle and the CRL file one after the other.
       findings.warn("tls.crl", file, `CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca: ignored`);
+      continue;
+    }
+    if (!(await allowsCrlSigning(issuerCa))) {
+      findings.error(
+        "tls.crl",
+        file,
+        `CRL #${i + 1} is signed by "${subjectOf(issuerCa)}", whose key usage does not include cRLSign: OpenSSL refuses the CRL, and then every peer of that CA`,
+        "the CA certificate must allow CRL signing (keyUsage cRLSign)",
+      );
       continue;
     }
     if (crl.nextUpdate && crl.nextUpdate < now) {

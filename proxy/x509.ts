@@ -311,3 +311,14 @@ export async function crlDistributionPoints(cert: X509Certificate): Promise<stri
   }
   return urls;
 }
+
+/**
+ * Whether OpenSSL takes a CRL signed by `ca`: a CA with a key usage extension must list cRLSign
+ * (RFC 5280 §4.2.1.3), or every CRL it signs fails (X509_V_ERR_KEYUSAGE_NO_CRL_SIGN), and with
+ * CRL checks on, so does every peer of that CA. Node does not expose the bits; @peculiar does.
+ */
+export async function allowsCrlSigning(ca: X509Certificate): Promise<boolean> {
+  const x509 = await peculiar();
+  const usage = new x509.X509Certificate(new Uint8Array(ca.raw)).getExtension(x509.KeyUsagesExtension);
+  return !usage || (usage.usages & x509.KeyUsageFlags.cRLSign) !== 0;
+}

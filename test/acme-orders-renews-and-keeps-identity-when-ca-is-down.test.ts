@@ -10,13 +10,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t, { type Test } from "tap";
 import { Agent, request } from "undici";
+import { createCrl } from "../certs-dev/pki.js";
 import { parseConfig } from "../config/load.js";
 import { AcmeManager } from "../proxy/acme.js";
+import { validateCrls } from "../proxy/identity.js";
 import { Sidecar } from "../proxy/sidecar.js";
 import { serialOf } from "../proxy/x509.js";
 import { app, eventually, freePort, LogLines, pki, sample } from "./lib/mesh.js";
-import { forwarder, infraCa, type Pebble, pebbleTool, startPebble } from "./lib/pebble.js";
-import { ashmeshCli } from "./lib/run.js";
+import { crlSigners, forwarder, infraCa, type Pebble, pebbleTool, startPebble } from "./lib/pebble.js";
+import { ashmeshCli, run } from "./lib/run.js";
 import { writeYaml } from "./lib/spawn.js";
 
 const skip = pebbleTool.skip;
@@ -412,4 +414,63 @@ t.test("start errors name the field and exit 2; the EAB HMAC is never shown", { 
   ].join("\n");
   t.notMatch(everything, hmac, "no EAB HMAC in logs, /status, /metrics or the state file");
   t.notMatch(everything, /PRIVATE KEY/, "no private key either");
+});
+
+t.test("a CRL of a CA without cRLSign (Pebble's own) is refused, as OpenSSL refuses it", { skip }, async (t) => {
+  const s = await setup(t);
+  await start(t, s);
+  const leafFile = join(s.dir, "id", "server.crt");
+  const [leaf, intermediate] = readFileSync(leafFile, "utf8").split(/(?=-----BEGIN CERTIFICATE-----)/);
+  const original = { root: await s.pebble.root(), intermediate: await s.pebble.intermediate() };
+  const signers = await crlSigners(s.pebble);
+  const files = (name: string, ca: string, crls: string[]) => {
+    writeFileSync(join(s.dir, `${name}.ca`), ca);
+    writeFileSync(join(s.dir, `${name}.crl`), crls.join(""));
+    return { ca: join(s.dir, `${name}.ca`), crl: join(s.dir, `${name}.crl`) };
+  };
+  writeFileSync(join(s.dir, "leaf.pem"), leaf as string);
+  writeFileSync(join(s.dir, "chain.pem"), intermediate as string);
+  const crlsOf = async (root: string, inter: string) => [
+    await createCrl({ certPem: root, keyPem: signers.root.keyPem }, { revoked: [], number: 1 }),
+    await createCrl({ certPem: inter, keyPem: signers.intermediate.keyPem }, { revoked: [], number: 1 }),
+  ];
+  const cases = [
+    {
+      name: "pebble",
+      ca: original.root + original.intermediate,
+      crls: await crlsOf(original.root, original.intermediate),
+      ok: false,
+    },
+    {
+      name: "recertified",
+      ca: signers.root.certPem + signers.intermediate.certPem,
+      crls: await crlsOf(signers.root.certPem, signers.intermediate.certPem),
+      ok: true,
+    },
+  ];
+  for (const c of cases) {
+    const f = files(c.name, c.ca, c.crls);
+    const verdict = await validateCrls(f, readFileSync(f.ca), readFileSync(f.crl));
+    const openssl = await run("openssl", [
+      "verify",
+      "-crl_check_all",
+      "-CAfile",
+      f.ca,
+      "-CRLfile",
+      f.crl,
+      "-untrusted",
+      join(s.dir, "chain.pem"),
+      join(s.dir, "leaf.pem"),
+    ]);
+    t.equal(
+      openssl.code === 0,
+      c.ok,
+      `${c.name}: openssl verify ${c.ok ? "accepts" : "refuses"} (${(openssl.out + openssl.err).trim().split("\n").pop()})`,
+    );
+    t.equal(!verdict.failed, c.ok, `${c.name}: the sidecar's validator agrees`);
+    if (!c.ok) {
+      const error = verdict.findings.find((x) => x.level === "error");
+      t.match(error?.message, /key usage does not include cRLSign/, `${c.name}: ${error?.message}`);
+    }
+  }
 });

@@ -6,6 +6,7 @@
 // out on its management API; Pebble 2.4 publishes no CRL, so the tests sign CRLs for it with the
 // intermediate's and the root's keys (see crlServer below).
 import { type ChildProcess, spawn } from "node:child_process";
+import { createPrivateKey, webcrypto } from "node:crypto";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import https from "node:https";
 import type { AddressInfo } from "node:net";
@@ -13,7 +14,15 @@ import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, request } from "undici";
-import { createCa, createCrl, issueCertificate, type KeyPairPem, type RevokedEntry } from "../../certs-dev/pki.js";
+import {
+  createCa,
+  createCrl,
+  issueCertificate,
+  type KeyPairPem,
+  newSerial,
+  type RevokedEntry,
+} from "../../certs-dev/pki.js";
+import { peculiar } from "../../proxy/x509.js";
 import { freePort, type Tap } from "./mesh.js";
 import { tool } from "./ops.js";
 
@@ -283,10 +292,68 @@ export async function forwarder(
   };
 }
 
+/** A CA's certificate and key (PEM): what signs CRLs. */
+export interface CrlSigners {
+  root: KeyPairPem;
+  intermediate: KeyPairPem;
+}
+
+async function signingKey(keyPem: string): Promise<webcrypto.CryptoKey> {
+  const der = createPrivateKey(keyPem).export({ type: "pkcs8", format: "der" });
+  return (await webcrypto.subtle.importKey("pkcs8", der, RSA, false, ["sign"])) as webcrypto.CryptoKey;
+}
+
+const RSA = { name: "RSASSA-PKCS1-v1_5", hash: "SHA-256" } as const;
+
+/**
+ * Pebble's root and intermediate, certified again with the cRLSign key usage. Pebble 2.4 makes
+ * its CA certificates with keyCertSign and digitalSignature only, and OpenSSL refuses any CRL a
+ * CA without cRLSign signs (X509_V_ERR_KEYUSAGE_NO_CRL_SIGN) — so no CRL signed with Pebble's
+ * keys could ever be used against its own certificates. These are the same names, keys and key
+ * identifiers: Pebble's leaves chain to them unchanged. The test trusts these (tls.ca) and signs
+ * the CRLs with Pebble's keys under them, as a CA that publishes CRLs would.
+ */
+export async function crlSigners(pebble: Pebble): Promise<CrlSigners> {
+  const x509 = await peculiar();
+  const root = new x509.X509Certificate(await pebble.root());
+  const intermediate = new x509.X509Certificate(await pebble.intermediate());
+  const rootKey = await pebble.rootKey();
+  const intermediateKey = await pebble.intermediateKey();
+  const usages = x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign | x509.KeyUsageFlags.digitalSignature;
+  const ski = (cert: typeof root) => cert.getExtension(x509.SubjectKeyIdentifierExtension);
+  const certify = async (cert: typeof root, issuer: typeof root | null, signer: string) => {
+    const keyId = ski(cert);
+    const made = await x509.X509CertificateGenerator.create({
+      serialNumber: newSerial(),
+      subject: cert.subjectName,
+      issuer: issuer ? issuer.subjectName : cert.subjectName,
+      notBefore: cert.notBefore,
+      notAfter: cert.notAfter,
+      publicKey: await cert.publicKey.export(RSA, ["verify"]),
+      signingKey: await signingKey(signer),
+      signingAlgorithm: RSA,
+      extensions: [
+        new x509.BasicConstraintsExtension(true, undefined, true),
+        new x509.KeyUsagesExtension(usages, true),
+        ...(keyId ? [keyId] : []),
+        ...(issuer && ski(issuer) ? [new x509.AuthorityKeyIdentifierExtension(ski(issuer)?.keyId as string)] : []),
+      ],
+    });
+    return `${made.toString("pem")}\n`;
+  };
+  const rootPem = await certify(root, null, rootKey);
+  const intermediatePem = await certify(intermediate, new x509.X509Certificate(rootPem), rootKey);
+  return {
+    root: { certPem: rootPem, keyPem: rootKey },
+    intermediate: { certPem: intermediatePem, keyPem: intermediateKey },
+  };
+}
+
 /**
  * The CA's CRL distribution point, played by the test (Pebble 2.4 has none): an HTTPS server
  * with a certificate of the infrastructure CA, serving DER CRLs signed with the keys Pebble hands
- * out, /intermediate.crl and /root.crl. `revoke` publishes a new CRL of the intermediate.
+ * out (under the certificates of crlSigners), /intermediate.crl and /root.crl. `revoke`
+ * publishes a new CRL of the intermediate.
  */
 export interface CrlServer {
   urls: string[];
@@ -297,12 +364,12 @@ export interface CrlServer {
 export async function crlServer(
   t: Tap,
   pebble: Pebble,
+  signers: CrlSigners,
   options: { host?: string; port?: number; name?: string; nextUpdateDays?: number } = {},
 ): Promise<CrlServer> {
   const host = options.host ?? "127.0.0.1";
   const name = options.name ?? host;
-  const intermediate: KeyPairPem = { certPem: await pebble.intermediate(), keyPem: await pebble.intermediateKey() };
-  const root: KeyPairPem = { certPem: await pebble.root(), keyPem: await pebble.rootKey() };
+  const { intermediate, root } = signers;
   const revoked: RevokedEntry[] = [];
   let number = 1;
   const der = (pem: string) => Buffer.from(pem.replace(/-----[^-]+-----|\s/g, ""), "base64");
