@@ -37,6 +37,9 @@ t.test("alerts.yml names the seed's thresholds and what to do", async (t) => {
     MtlsCertReloadFailed: /mtls_cert_reloads_total\{result="failed"\}/,
     MtlsCrlNextUpdateSoon: /^mtls_crl_next_update_days < /,
     MtlsCrlNextUpdateCritical: /^mtls_crl_next_update_days < /,
+    MtlsAcmeRenewalFailing: /^mtls_acme_consecutive_failures > 2$/,
+    MtlsAcmeCertNotRenewed: /^mtls_acme_cert_lifetime_remaining_ratio < 0\.1$/,
+    MtlsCrlFetchFailing: /^time\(\) - mtls_crl_last_fetch_timestamp_seconds > 3600$/,
   };
   for (const [name, expr] of Object.entries(want)) {
     const rule = byName.get(name);
