@@ -522,7 +522,13 @@ export type Notice = { message: string; hint: string } & (
   | { event: "crl_expiring" | "crl_expired"; issuer: string; nextUpdate: Date }
 );
 
-export function identityNotices(identity: Identity, now = new Date()): Notice[] {
+/**
+ * Warnings about a valid identity. With `acme` (the manager renews at `renewAt` of the lifetime),
+ * a short lifetime is normal (step-ca issues 24-hour certificates): a certificate is reported as
+ * expiring only once half of its renewal window has passed without a renewal — with the default
+ * 0.7, under 15 % of its lifetime left, the threshold of the expiry alerts for ACME sidecars.
+ */
+export function identityNotices(identity: Identity, now = new Date(), acme?: { renewAt: number }): Notice[] {
   const notices: Notice[] = [];
   // A CRL past its nextUpdate makes OpenSSL refuse every peer of its CA (crl_expired): say so
   // ahead, and loudly once it happened, rather than trusting an old list forever.
@@ -544,7 +550,10 @@ export function identityNotices(identity: Identity, now = new Date()): Notice[] 
   for (const leaf of new Set([identity.server, identity.client])) {
     const s = leaf.summary;
     const days = (s.notAfter.getTime() - now.getTime()) / DAY_MS;
-    if (days >= EXPIRY_WARNING_DAYS) continue;
+    if (acme) {
+      const left = (s.notAfter.getTime() - now.getTime()) / (s.notAfter.getTime() - s.notBefore.getTime());
+      if (left >= (1 - acme.renewAt) / 2) continue;
+    } else if (days >= EXPIRY_WARNING_DAYS) continue;
     notices.push({
       event: "cert_expiring",
       subject: s.subject,

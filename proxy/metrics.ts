@@ -220,14 +220,22 @@ export class Metrics {
       "When the certificate is due for renewal (Unix seconds): acme.renewAt of its lifetime, jittered earlier.",
       (a) => a.nextRenewal,
     );
-    gauge(
-      "mtls_acme_cert_lifetime_remaining_ratio",
-      "Share of the ACME certificate's lifetime still ahead (1 when issued, 0 at expiry); renewal is due at 1 − acme.renewAt.",
-      (a) =>
-        a.certificate
-          ? (a.certificate.notAfter - Date.now() / 1000) / (a.certificate.notAfter - a.certificate.notBefore)
-          : null,
-    );
+    // Labelled like mtls_cert_expiry_days (cert="server" and "client": one certificate serves
+    // both with ACME), so that the expiry alerts can leave healthy ACME certificates alone.
+    new Gauge({
+      name: "mtls_acme_cert_lifetime_remaining_ratio",
+      help: "Share of the ACME certificate's lifetime still ahead (1 when issued, 0 at expiry); renewal is due at 1 - acme.renewAt.",
+      labelNames: ["directory", "cert"],
+      registers,
+      collect() {
+        this.reset();
+        const a = acme();
+        if (!a?.certificate) return;
+        const { notBefore, notAfter } = a.certificate;
+        const ratio = (notAfter - Date.now() / 1000) / (notAfter - notBefore);
+        for (const cert of ["server", "client"]) this.set({ directory: a.directory, cert }, ratio);
+      },
+    });
     new Counter({
       name: "mtls_acme_challenges_total",
       help: "ACME challenges the sidecar was asked to answer, by type (tls-alpn-01/http-01) and result (answered/unknown).",

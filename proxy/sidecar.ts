@@ -271,7 +271,7 @@ export class Sidecar {
   /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, CRL freshness. */
   private reportIdentity(identity: Identity): void {
     for (const warning of identity.warnings) this.logger.warn({ event: "identity_warning", message: warning });
-    for (const notice of identityNotices(identity)) {
+    for (const notice of identityNotices(identity, new Date(), this.config.acme ?? undefined)) {
       if (notice.event === "cert_expiring") {
         this.logger.warn({
           event: notice.event,

@@ -52,7 +52,12 @@ async function setup(t: Test, options: { eab?: Record<string, string> } = {}): P
 }
 
 function config(s: Setup, acme: Record<string, unknown> = {}, extra: Record<string, unknown> = {}) {
-  return parseConfig({
+  return parseConfig(input(s, acme, extra));
+}
+
+/** The configuration as a file would hold it (`ashmesh check --config` reads it). */
+function input(s: Setup, acme: Record<string, unknown> = {}, extra: Record<string, unknown> = {}) {
+  return {
     service: { name: "auth-accounts", dnsName: NAME },
     tls: { cert: join(s.dir, "id", "server.crt"), key: join(s.dir, "id", "server.key"), ca: s.ca },
     inbound: {
@@ -64,7 +69,14 @@ function config(s: Setup, acme: Record<string, unknown> = {}, extra: Record<stri
     admin: { listen: "127.0.0.1:0" },
     acme: { directory: s.pebble.directory, caBundle: s.pebble.infra.bundle, ...acme },
     log: { level: "debug" },
-  });
+  };
+}
+
+/** `ashmesh check --config` on the sidecar's configuration: exit code and output. */
+async function check(s: Setup, acme: Record<string, unknown> = {}): Promise<{ code: number | null; out: string }> {
+  const file = writeYaml(join(s.dir, `check-${Date.now()}.yaml`), input(s, acme));
+  const r = await ashmeshCli(["check", "--config", file], { timeoutMs: 30_000 });
+  return { code: r.code, out: r.out + r.err };
 }
 
 interface Running {
@@ -178,6 +190,12 @@ t.test("orders at start over tls-alpn-01 on the inbound port; no challenge reach
     "the state file beside the key says the same",
   );
 
+  const checked = await check(s);
+  t.equal(checked.code, 0, "ashmesh check --config passes", { output: checked.out });
+  t.match(checked.out, /√ ACME directory https:\/\/\S+ answers/, "check: the directory answers");
+  t.match(checked.out, new RegExp(`√ last order \\S+: ok \\(serial ${serialOfFile(cert)}\\)`), "check: the last order");
+  t.match(checked.out, /√ next renewal \d{4}-/, "check: the next renewal");
+
   // A ClientHello offering acme-tls/1 for a name with no challenge pending gets no certificate at all.
   const tls = await import("node:tls");
   const stray = await new Promise<string>((resolve) => {
@@ -290,6 +308,10 @@ t.test("CA down during a renewal: the identity is kept, retries back off, then i
   };
   t.match(status.acme.last_error.reason, /ECONNREFUSED|connect/, "/status shows the last error");
   t.ok(status.acme.next_retry, "and when the next attempt is");
+  const checked = await check(s, { directory });
+  t.equal(checked.code, 1, "ashmesh check --config fails while the CA is down");
+  t.match(checked.out, /× the ACME directory does not answer/, "check: the directory is down");
+  t.match(checked.out, /× last order \S+ failed \(\d+ in a row\): /, "check: the last order failed, and why");
 
   await ca.up();
   t.ok(
