@@ -17,7 +17,7 @@ import { subjectAltNames } from "../proxy/x509.js";
 import { parse, UsageError } from "./args.js";
 import { defaultMeshFile } from "./local-mesh.js";
 
-const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files
+const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files (and ACME state)
 ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
                                           check every edge of a running mesh
 

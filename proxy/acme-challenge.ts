@@ -151,7 +151,14 @@ export class ChallengeResponder {
       { readHello: true },
     );
     this.bootstrap = acceptor;
-    return acceptor.listen(address);
+    try {
+      return await acceptor.listen(address);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new Error(
+        `cannot listen on ${address.host}:${address.port} (inbound.listen) to answer the first tls-alpn-01 challenge: ${code}; another process holds the port (with socket activation it is systemd's: start the service once without its socket unit), or use acme.challenge http-01 with acme.http01Listen`,
+      );
+    }
   }
 
   async closeBootstrap(): Promise<void> {
