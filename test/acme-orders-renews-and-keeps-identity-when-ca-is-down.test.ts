@@ -496,3 +496,112 @@ t.test("a CRL of a CA without cRLSign (Pebble's own) is refused, as OpenSSL refu
     }
   }
 });
+
+t.test("http-01 on its own port: answered there, never by the app; unknown tokens get 404", { skip }, async (t) => {
+  const infra = await infraCa(t);
+  const httpPort = await freePort();
+  const tlsPort = await freePort();
+  const pebble = await startPebble(t, infra, { tlsPort, httpPort, validitySeconds: LIFETIME_S });
+  const dir = mkdtempSync(join(tmpdir(), "ashmesh-acme-http-"));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ca = join(dir, "ca.crt");
+  writeFileSync(ca, await pebble.root());
+  const s: Setup = { pebble, dir, tlsPort, ca, client: { cert: Buffer.alloc(0), key: Buffer.alloc(0) } };
+  const backend = await app(t);
+  const r = await start(t, s, { challenge: "http-01", http01Listen: `127.0.0.1:${httpPort}` }, { app: backend.url });
+  t.ok(
+    r.logs.events("acme_challenge_answered").some((l) => l.type === "http-01"),
+    "Pebble validated http-01",
+  );
+  t.notOk(
+    r.logs.events("acme_challenge_answered").some((l) => l.type === "tls-alpn-01"),
+    "and not tls-alpn-01",
+  );
+  t.equal(r.logs.events("acme_certificate_issued").length, 1, "the certificate was issued");
+  const unknown = await request(`http://127.0.0.1:${httpPort}/.well-known/acme-challenge/nope`);
+  t.equal(unknown.statusCode, 404, "an unknown token: 404");
+  await unknown.body.dump();
+  const other = await request(`http://127.0.0.1:${httpPort}/api/v1/verify`);
+  t.equal(other.statusCode, 404, "any other path: 404, nothing is proxied");
+  await other.body.dump();
+  t.equal(backend.connections, 0, "the app saw nothing");
+  const metrics = await (await request(`${r.admin}/metrics`)).body.text();
+  t.ok(sample(metrics, "mtls_acme_challenges_total", { type: "http-01", result: "answered" }) >= 1);
+  t.equal(sample(metrics, "mtls_acme_challenges_total", { type: "http-01", result: "unknown" }), 1);
+});
+
+t.test("the acme section's own rules, each naming the field", async (t) => {
+  const base = {
+    service: { name: "auth-accounts", dnsName: NAME },
+    tls: { cert: "/x/server.crt", key: "/x/server.key", ca: "/x/ca.crt" },
+  };
+  const cases: Array<[string, Record<string, unknown>, RegExp]> = [
+    [
+      "names without service.dnsName",
+      { ...base, acme: { directory: "https://ca/dir", names: ["other.ashchan.local"] } },
+      /acme\.names=\["other\.ashchan\.local"\] is not valid: it must include service\.dnsName auth\.ashchan\.local/,
+    ],
+    [
+      "http-01 without a listener",
+      { ...base, acme: { directory: "https://ca/dir", challenge: "http-01" } },
+      /acme\.challenge="http-01" is not valid: set acme\.http01Listen/,
+    ],
+    [
+      "tls-alpn-01 without inbound",
+      { ...base, inbound: { enabled: false }, acme: { directory: "https://ca/dir" } },
+      /acme\.challenge="tls-alpn-01" is not valid: it is answered on the inbound listener, which is disabled/,
+    ],
+    [
+      "a separate client certificate",
+      { ...base, tls: { ...base.tls, clientCert: "/x/c.crt" }, acme: { directory: "https://ca/dir" } },
+      /with acme, the one certificate the CA issues serves both directions/,
+    ],
+    [
+      "renewAt outside (0, 1)",
+      { ...base, acme: { directory: "https://ca/dir", renewAt: 1 } },
+      /acme\.renewAt=1 is not valid/,
+    ],
+    [
+      "crlUrl without tls.crl",
+      { ...base, tls: { ...base.tls, crlUrl: "https://ca/crl" } },
+      /tls\.crlUrl is set but tls\.crl is not/,
+    ],
+    [
+      "a crlUrl that is no URL",
+      { ...base, tls: { ...base.tls, crl: "/x/ca.crl", crlUrl: "ftp://ca/crl" } },
+      /tls\.crlUrl.* is not valid: expected an https:\/\/ \(or http:\/\/\) URL/,
+    ],
+  ];
+  for (const [what, raw, expect] of cases) {
+    t.throws(() => parseConfig(raw), { code: "ASHMESH_BAD_CONFIG", message: expect }, what);
+  }
+  const env = parseConfig(base, {
+    env: {
+      ACME_DIRECTORY: "https://ca/dir",
+      ACME_CA_BUNDLE: "/x/acme.crt",
+      ACME_EAB_KID: "k",
+      ACME_EAB_HMAC: "aGk",
+      MTLS_CRL_URL: "https://a/1.crl, http://b/2.crl",
+      MTLS_CRL_FILE: "/x/ca.crl",
+    },
+  });
+  t.same(
+    {
+      directory: env.acme?.directory,
+      caBundle: env.acme?.caBundle,
+      eab: env.acme?.eab,
+      names: env.acme?.names,
+      accountKey: env.acme?.accountKey,
+    },
+    {
+      directory: "https://ca/dir",
+      caBundle: "/x/acme.crt",
+      eab: { kid: "k", hmac: "aGk" },
+      names: [NAME],
+      accountKey: "/x/acme-account.key",
+    },
+    "the environment turns the section on; defaults: names [service.dnsName], the account key beside tls.key",
+  );
+  t.same(env.tls.crlUrl, ["https://a/1.crl", "http://b/2.crl"], "MTLS_CRL_URL is a list");
+  t.equal(parseConfig(base).acme, null, "no acme section: null");
+});
