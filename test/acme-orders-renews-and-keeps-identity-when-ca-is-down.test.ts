@@ -83,7 +83,8 @@ interface Running {
   sidecar: Sidecar;
   logs: LogLines;
   admin: string;
-  clock: { now: number | null };
+  /** The manager's clock: `now` when set, for the certificate `only` when set (the file holds it), else real time. */
+  clock: { now: number | null; only?: string };
 }
 
 async function start(
@@ -94,11 +95,18 @@ async function start(
 ): Promise<Running> {
   if (!extra.app) extra.app = (await app(t)).url;
   const logs = new LogLines();
-  const clock: { now: number | null } = { now: null };
+  const clock: Running["clock"] = { now: null };
+  const certFile = join(s.dir, "id", "server.crt");
   const sidecar = await Sidecar.create(config(s, acme, extra), {
     logDestination: logs,
     processMetrics: false,
-    acme: { now: () => clock.now ?? Date.now(), random: () => 0 },
+    // Time jumps for the certificate under test only: once a new one is on disk, time is real
+    // again, so the renewal just made is not due at once.
+    acme: {
+      now: () =>
+        clock.now !== null && (!clock.only || serialOfFile(certFile) === clock.only) ? clock.now : Date.now(),
+      random: () => 0,
+    },
   });
   t.teardown(() => sidecar.stop());
   const listening = await sidecar.start();
@@ -126,6 +134,54 @@ async function call(s: Setup): Promise<{ status: number; serial: string }> {
   } finally {
     await dispatcher.close();
   }
+}
+
+/** The bytes of the first TLS record Node's client sends with `options`: a real ClientHello. */
+async function captureClientHello(options: import("node:tls").ConnectionOptions): Promise<Buffer> {
+  const net = await import("node:net");
+  const tls = await import("node:tls");
+  return new Promise((resolve, reject) => {
+    const server = net.createServer((socket) => {
+      socket.once("data", (chunk: Buffer) => {
+        resolve(chunk);
+        socket.destroy();
+        server.close();
+      });
+    });
+    server.listen(0, "127.0.0.1", () => {
+      const client = tls.connect({
+        host: "127.0.0.1",
+        port: (server.address() as { port: number }).port,
+        rejectUnauthorized: false,
+        ...options,
+      });
+      client.on("error", () => client.destroy());
+    });
+    server.on("error", reject);
+  });
+}
+
+/**
+ * Sends `hello` in two TCP writes 50 ms apart; resolves with the first TLS record type the server
+ * answers (0x16: a handshake, its ServerHello; 0x15: an alert), or null when it only closes.
+ */
+async function sendSplit(port: number, hello: Buffer): Promise<number | null> {
+  const net = await import("node:net");
+  return new Promise<number | null>((resolve) => {
+    const socket = net.connect({ host: "127.0.0.1", port, noDelay: true }, () => {
+      socket.write(hello.subarray(0, 40));
+      setTimeout(() => socket.write(hello.subarray(40)), 50);
+    });
+    const done = (answer: number | null) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(answer);
+    };
+    const timer = setTimeout(() => done(null), 5_000);
+    socket.once("data", (d: Buffer) => done(d[0] ?? null));
+    socket.on("error", () => done(null));
+    socket.on("close", () => done(null));
+  });
 }
 
 const serialOfFile = (file: string) => serialOf(new X509Certificate(readFileSync(file)));
@@ -216,6 +272,23 @@ t.test("orders at start over tls-alpn-01 on the inbound port; no challenge reach
   );
   t.equal(backend.connections, 1, "no challenge connection ever reached the app");
 
+  // A ClientHello split over TCP segments is read whole before it is routed: the same acme-tls/1
+  // hello, sent in two writes, still reaches the challenge server (and is refused there).
+  const hello = await captureClientHello({ servername: NAME, ALPNProtocols: ["acme-tls/1"] });
+  const unknownBefore = r.logs.events("acme_challenge_unknown").length;
+  t.not(await sendSplit(s.tlsPort, hello), 0x16, "a split acme-tls/1 ClientHello gets no ServerHello (no certificate)");
+  t.ok(
+    await eventually(() => r.logs.events("acme_challenge_unknown").length > unknownBefore),
+    "by the challenge server (no challenge pending for the name)",
+  );
+  // And a split ClientHello of an ordinary client still reaches the mTLS server: a ServerHello.
+  t.equal(
+    await sendSplit(s.tlsPort, await captureClientHello({ servername: NAME })),
+    0x16,
+    "a split ordinary ClientHello gets the mTLS server's ServerHello",
+  );
+  t.equal(backend.connections, 1, "and neither reached the app");
+
   const text = r.logs.lines.map((l) => JSON.stringify(l)).join("\n");
   t.notMatch(text, /PRIVATE KEY/, "no key in the logs");
   t.notMatch(
@@ -243,6 +316,7 @@ t.test("renews once 70 % of the lifetime has passed, answering on the running li
 
   const answeredBefore = r.logs.events("acme_challenge_answered").length;
   r.clock.now = due + 1;
+  r.clock.only = first;
   await r.sidecar.acme?.check();
   r.clock.now = null;
   const started = r.logs.events("acme_order_started");
@@ -279,6 +353,7 @@ t.test("CA down during a renewal: the identity is kept, retries back off, then i
   await ca.down();
   const leaf = new X509Certificate(pem);
   r.clock.now = new Date(leaf.validTo).getTime() - 0.29 * LIFETIME_S * 1000;
+  r.clock.only = first;
   await r.sidecar.acme?.check();
   // The manager retries on its own now: wait for three failures in all.
   t.ok(await eventually(() => r.logs.events("acme_renewal_failed").length >= 3, 20_000), "three failed attempts");
