@@ -8,13 +8,16 @@ import { DEFAULT_PKI_DIR, DevCa } from "../certs-dev/store.js";
 import { ConfigError, loadConfig } from "../config/load.js";
 import { edges, loadMesh, type Mesh, type MeshService } from "../config/mesh.js";
 import type { Config } from "../config/schema.js";
+import { AcmeManager } from "../proxy/acme.js";
+import { ChallengeResponder } from "../proxy/acme-challenge.js";
 import { identityNotices, validateIdentity } from "../proxy/identity.js";
+import { createLogger } from "../proxy/log.js";
 import { assertUsable } from "../proxy/tls.js";
 import { subjectAltNames } from "../proxy/x509.js";
 import { parse, UsageError } from "./args.js";
 import { defaultMeshFile } from "./local-mesh.js";
 
-const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files
+const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files (and ACME state)
 ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
                                           check every edge of a running mesh
 
@@ -103,7 +106,51 @@ async function checkConfig(file: string, report: Report): Promise<void> {
     const days = Math.floor((s.notAfter.getTime() - now.getTime()) / DAY_MS);
     report.ok(`certificate ${s.subject} valid until ${s.notAfter.toISOString().slice(0, 10)} (${days} days)`);
   }
-  for (const notice of identityNotices(identity, now)) report.fail(notice.message, notice.hint);
+  for (const notice of identityNotices(identity, now, config.acme ?? undefined))
+    report.fail(notice.message, notice.hint);
+}
+
+/** ACME: the directory answers, and what the sidecar's manager last did (acme-state.json beside tls.key). */
+async function checkAcme(config: Config, report: Report): Promise<void> {
+  const acme = config.acme;
+  if (!acme) return;
+  report.section("acme");
+  const logger = createLogger({ service: config.service.name, level: "silent" });
+  const manager = new AcmeManager(config, logger, new ChallengeResponder(logger, config.limits));
+  try {
+    const down = await manager.verifyDirectory();
+    if (down) report.fail(`the ACME directory does not answer: ${down}`, "is the CA up and reachable from this host?");
+    else report.ok(`ACME directory ${acme.directory} answers`);
+  } catch (err) {
+    report.fail((err as Error).message, "README § Certificates from step-ca, Vault or any ACME CA");
+  }
+  const files = await manager.inspect();
+  if (files.usable)
+    report.ok(
+      `certificate ${files.serial} (${acme.names.join(", ")}), renewal due ${new Date(files.dueAt).toISOString()}`,
+    );
+  else report.fail(`the certificate files need a new order: ${files.reason}`, "the sidecar orders one at start");
+  const state = AcmeManager.readState(config);
+  if (!state) {
+    report.fail(
+      `no ACME state in ${AcmeManager.statePath(config)}: the sidecar has not ordered yet`,
+      "start it: ashmesh proxy --config FILE",
+    );
+    return;
+  }
+  const last = state.last_order;
+  if (last?.result === "ok") report.ok(`last order ${last.at}: ok${last.serial ? ` (serial ${last.serial})` : ""}`);
+  else if (last)
+    report.fail(
+      `last order ${last.at} failed (${state.consecutive_failures} in a row): ${last.reason}`,
+      state.next_retry ? `next attempt ${state.next_retry}; see the acme_renewal_failed log lines` : undefined,
+    );
+  if (state.next_renewal) {
+    const overdue = Date.parse(state.next_renewal) < Date.now() && state.consecutive_failures > 0;
+    if (overdue)
+      report.fail(`renewal was due ${state.next_renewal} and has not succeeded yet`, "see the last error above");
+    else report.ok(`next renewal ${state.next_renewal}`);
+  }
 }
 
 /** Connects to host:port with optional credentials, sends one request, reads the answer head. */
@@ -267,7 +314,17 @@ export async function main(argv: string[]): Promise<number> {
   if (!Number.isInteger(timeout) || timeout <= 0)
     throw new UsageError(`--timeout=${values.timeout}: expected milliseconds`);
   const report = new Report();
-  if (values.config) await checkConfig(values.config, report);
+  if (values.config) {
+    await checkConfig(values.config, report);
+    const config = (() => {
+      try {
+        return loadConfig({ file: values.config, env: process.env });
+      } catch {
+        return null; // reported above
+      }
+    })();
+    if (config) await checkAcme(config, report);
+  }
   if (values.mesh !== undefined || !values.config) {
     const mesh = loadMesh(values.mesh ?? defaultMeshFile());
     await checkMesh(mesh, values.dir, values.addresses, timeout, report);

@@ -240,6 +240,10 @@ class ResponseRelay implements UpstreamHandler {
   }
 
   onEnd(trailers: string[]): void {
+    if (this.status === 0) {
+      this.onError(Object.assign(new Error("the exchange ended without an answer"), { code: "UND_ERR_SOCKET" }));
+      return;
+    }
     if (this.finished) return;
     this.finished = true;
     this.clear();

@@ -10,6 +10,7 @@ import net, { type AddressInfo, type Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
+import type { ChallengeResponder } from "./acme-challenge.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, ProxyError, sendError, writeSocketError } from "./errors.js";
 import {
@@ -43,7 +44,8 @@ interface Connection {
 }
 
 const kConnection = Symbol("ashmesh.connection");
-type Carrier = { [kConnection]?: Connection };
+const kSession = Symbol("ashmesh.session");
+type Carrier = { [kConnection]?: Connection; [kSession]?: ServerHttp2Session };
 
 export interface InboundDeps {
   config: Config;
@@ -51,6 +53,8 @@ export interface InboundDeps {
   metrics: Metrics;
   logger: Logger;
   edges: Edges;
+  /** ACME's challenge responder, when tls-alpn-01 is answered on this listener. */
+  acme?: ChallengeResponder | null;
 }
 
 /** The connection a request arrived on: its TLS socket (HTTP/1.1) or its session (HTTP/2). */
@@ -64,7 +68,7 @@ export class Inbound {
   private readonly listener: TlsListener;
   private readonly httpServer: http.Server;
   private readonly h2Server: http2.Http2Server;
-  private readonly sessions = new Map<TLSSocket, ServerHttp2Session>();
+  private readonly sessions = new Set<ServerHttp2Session>();
   private readonly app: Transport;
   private readonly appAddress: { host: string; port: number };
   private readonly policy: Policy;
@@ -99,6 +103,7 @@ export class Inbound {
       verifyClient: config.inbound.verifyClient,
       alpn: ["h2", "http/1.1"],
       protocol: (socket) => (socket.alpnProtocol === "h2" ? "h2" : "http1"),
+      acme: deps.acme ?? null,
       onConnection: (socket, state) => this.onConnection(socket, state),
       close: (socket) => this.closeConnection(socket),
     });
@@ -129,10 +134,12 @@ export class Inbound {
     );
     this.h2Server.setTimeout(limits.idleTimeoutMs);
     this.h2Server.on("session", (session: ServerHttp2Session & Carrier) => {
+      // session.socket is a proxy that reads and writes through to the TLS socket.
       const socket = session.socket as TLSSocket & Carrier;
       session[kConnection] = socket[kConnection];
-      this.sessions.set(socket, session);
-      session.once("close", () => this.sessions.delete(socket));
+      socket[kSession] = session;
+      this.sessions.add(session);
+      session.once("close", () => this.sessions.delete(session));
       if (this.draining) session.close();
     });
   }
@@ -184,7 +191,7 @@ export class Inbound {
 
   /** Revocation: an HTTP/2 connection is told GOAWAY first, then closed like any other. */
   private closeConnection(socket: TLSSocket): void {
-    const session = this.sessions.get(socket);
+    const session = (socket as TLSSocket & Carrier)[kSession];
     if (session && !session.destroyed) {
       session.goaway(http2.constants.NGHTTP2_NO_ERROR);
       session.destroy();
@@ -314,7 +321,7 @@ export class Inbound {
   async drain(deadline: number): Promise<void> {
     this.draining = true;
     const closed = this.listener.stopAccepting();
-    for (const session of this.sessions.values()) session.close();
+    for (const session of this.sessions) session.close();
     this.httpServer.closeIdleConnections();
     const poll = setInterval(() => this.httpServer.closeIdleConnections(), 50);
     const timer = new Promise<void>((resolve) => setTimeout(resolve, Math.max(0, deadline - Date.now())).unref());

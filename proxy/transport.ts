@@ -195,13 +195,16 @@ export class H2Transport implements Transport {
         const s = session.request(h2Headers(req, this.scheme), { endStream: req.body === null });
         stream = s;
         let trailers: string[] = [];
+        let responded = false;
         s.setTimeout(req.timeoutMs, () => {
           fail(transportError("UND_ERR_HEADERS_TIMEOUT", `no answer within ${req.timeoutMs} ms`));
           s.close(http2.constants.NGHTTP2_CANCEL);
         });
         s.on("response", (headers) => {
           const status = Number(headers[":status"]);
-          if (status >= 200) handler.onResponse(status, flatten(headers));
+          if (status < 200) return;
+          responded = true;
+          handler.onResponse(status, flatten(headers));
         });
         s.on("data", (chunk: Buffer) => {
           if (!handler.onData(chunk)) s.pause();
@@ -210,6 +213,9 @@ export class H2Transport implements Transport {
           trailers = flatten(headers);
         });
         s.on("end", () => {
+          // A stream that ends before any response (the connection closed under it: a peer that
+          // refused our certificate after the handshake) is a failure, never an empty 200.
+          if (!responded) return fail(transportError("UND_ERR_SOCKET", "the connection closed before an answer"));
           if (settled) return;
           settled = true;
           handler.onEnd(trailers);

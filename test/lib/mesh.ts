@@ -3,7 +3,7 @@
 // certificates from our own CA. Nothing here is mocked.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
-import type { AddressInfo } from "node:net";
+import net, { type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
@@ -266,6 +266,27 @@ export function viaProxy(
     req.on("error", reject);
     req.end(options.body);
   });
+}
+
+const handedOut = new Set<number>();
+
+/**
+ * A TCP port on 127.0.0.1 that was free a moment ago: for servers that cannot listen on port 0.
+ * Never the same port twice in one process: the kernel may offer a port it just gave, and a test
+ * that asks for four (Pebble's) must get four.
+ */
+export async function freePort(host = "127.0.0.1"): Promise<number> {
+  for (let i = 0; i < 50; i++) {
+    const server = net.createServer();
+    await new Promise<void>((resolve) => server.listen(0, host, resolve));
+    const { port } = server.address() as AddressInfo;
+    await new Promise((resolve) => server.close(resolve));
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+  throw new Error("no fresh free port in 50 tries");
 }
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
