@@ -58,7 +58,16 @@ export class ProxyError extends Error {
   }
 }
 
-const TIMEOUTS = new Set(["UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT", "UND_ERR_CONNECT_TIMEOUT", "ETIMEDOUT"]);
+/** The call's own deadline (grpc-timeout) passed: forward.ts raises it. */
+export const GRPC_DEADLINE = "ASHMESH_GRPC_DEADLINE";
+
+const TIMEOUTS = new Set([
+  "UND_ERR_HEADERS_TIMEOUT",
+  "UND_ERR_BODY_TIMEOUT",
+  "UND_ERR_CONNECT_TIMEOUT",
+  "ETIMEDOUT",
+  GRPC_DEADLINE,
+]);
 
 /**
  * An error from undici while talking to `target`: the local app (inbound) or a peer's inbound
@@ -71,7 +80,7 @@ export function fromUpstreamError(err: unknown, side: "app" | "peer", target: st
   if (TIMEOUTS.has(code)) {
     return new ProxyError(
       side === "app" ? "app_timeout" : "peer_timeout",
-      `${target} did not answer in time (${code})`,
+      code === GRPC_DEADLINE ? `${target}: ${e.message}` : `${target} did not answer in time (${code})`,
       extra,
     );
   }

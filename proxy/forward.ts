@@ -6,7 +6,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { Http2ServerRequest, type Http2ServerResponse } from "node:http2";
 import type { Config } from "../config/schema.js";
-import { fromUpstreamError, ProxyError, sendError } from "./errors.js";
+import { fromUpstreamError, GRPC_DEADLINE, ProxyError, sendError } from "./errors.js";
 import type { Protocol } from "./metrics.js";
 import type { Exchange, Transport, UpstreamHandler } from "./transport.js";
 import { XFCC } from "./xfcc.js";
@@ -203,7 +203,7 @@ class ResponseRelay implements UpstreamHandler {
     if (deadline !== null && deadline < options.timeoutMs) {
       this.deadline = setTimeout(() => {
         const err = Object.assign(new Error(`the call's grpc-timeout (${req.headers["grpc-timeout"]}) passed`), {
-          code: "UND_ERR_HEADERS_TIMEOUT",
+          code: GRPC_DEADLINE,
         });
         this.exchange?.abort(err);
         this.onError(err);

@@ -151,6 +151,9 @@ export class H2Transport implements Transport {
   private session: ClientHttp2Session | null = null;
   private connecting: Promise<ClientHttp2Session> | null = null;
   private closed = false;
+  /** Exchanges under way, from request() to their stream's close (or failure to get one). */
+  private active = 0;
+  private whenIdle: Array<() => void> = [];
 
   constructor(
     private readonly connect: () => Promise<ClientHttp2Session>,
@@ -180,6 +183,12 @@ export class H2Transport implements Transport {
     return this.connecting;
   }
 
+  /** One exchange fewer: a retired transport closes its session once none is left. */
+  private done(): void {
+    this.active--;
+    if (this.active === 0) for (const resolve of this.whenIdle.splice(0)) resolve();
+  }
+
   request(req: UpstreamRequest, handler: UpstreamHandler): Exchange {
     let stream: ClientHttp2Stream | null = null;
     let aborted: Error | null = null;
@@ -189,11 +198,19 @@ export class H2Transport implements Transport {
       settled = true;
       handler.onError(err);
     };
+    this.active++;
     this.open().then(
       (session) => {
-        if (aborted) return;
-        const s = session.request(h2Headers(req, this.scheme), { endStream: req.body === null });
+        if (aborted) return this.done();
+        let s: ClientHttp2Stream;
+        try {
+          s = session.request(h2Headers(req, this.scheme), { endStream: req.body === null });
+        } catch (err) {
+          this.done();
+          return fail(err);
+        }
         stream = s;
+        s.once("close", () => this.done());
         let trailers: string[] = [];
         let responded = false;
         s.setTimeout(req.timeoutMs, () => {
@@ -230,7 +247,10 @@ export class H2Transport implements Transport {
           req.body.once("error", (err) => s.destroy(err));
         }
       },
-      (err: unknown) => fail(err),
+      (err: unknown) => {
+        this.done();
+        fail(err);
+      },
     );
     return {
       resume: () => stream?.resume(),
@@ -242,10 +262,15 @@ export class H2Transport implements Transport {
     };
   }
 
+  /**
+   * No new exchanges; the session closes once those under way are over. Closing it earlier would
+   * send GOAWAY ahead of streams nghttp2 has not flushed yet, and the server would refuse them.
+   */
   async close(): Promise<void> {
     this.closed = true;
+    if (this.active > 0) await new Promise<void>((resolve) => this.whenIdle.push(resolve));
     const session = this.session ?? (await this.connecting?.catch(() => null));
-    if (!session || session.closed) return;
+    if (!session || session.closed || session.destroyed) return;
     await new Promise<void>((resolve) => session.close(() => resolve()));
   }
 

@@ -3,6 +3,7 @@
 // trailers, 4 MiB messages, deadlines and cancellation; refusals answer as gRPC statuses; the
 // caller's identity reaches the server as x-forwarded-client-cert metadata. The client reaches its
 // sidecar on a mapped port (h2c prior knowledge) and through grpc_proxy (HTTP CONNECT).
+import http2 from "node:http2";
 import * as grpc from "@grpc/grpc-js";
 import t from "tap";
 import { eventually, type Pki, pki, sample, sidecar, type Tap } from "./lib/mesh.js";
@@ -210,6 +211,31 @@ t.test("deadlines and cancellation reach the server", async (t) => {
   await new Promise<void>((resolve) => call.once("data", () => resolve()));
   call.cancel();
   t.ok(await eventually(() => backend.seen.cancelled === 1, 10_000), "cancelling the call cancelled it at the server");
+});
+
+t.test("the sidecar itself honours grpc-timeout, whatever the client does", async (t) => {
+  const { backend, mapped } = await mesh(t);
+  // A bare HTTP/2 client that sends grpc-timeout but keeps no deadline of its own.
+  const session = http2.connect(`http://127.0.0.1:${mapped}`);
+  t.teardown(() => session.close());
+  const stream = session.request({
+    ":method": "POST",
+    ":path": `${ECHO}/Slow`,
+    "content-type": "application/grpc",
+    te: "trailers",
+    "grpc-timeout": "300m",
+  });
+  stream.end(Buffer.from([0, 0, 0, 0, 1, 120])); // one gRPC message of one byte
+  const answer = await new Promise<Record<string, unknown>>((resolve) => {
+    let headers: Record<string, unknown> = {};
+    stream.on("response", (h) => (headers = { ...h }));
+    stream.on("trailers", (h) => (headers = { ...headers, ...h }));
+    stream.on("close", () => resolve(headers));
+    stream.resume();
+  });
+  t.equal(answer["grpc-status"], "4", "DEADLINE_EXCEEDED from the sidecar");
+  t.match(String(answer["grpc-message"]), /grpc-timeout \(300m\) passed/);
+  t.equal(backend.seen.xfcc.length, 1, "the call had reached the server, and was cancelled there");
 });
 
 t.test("refusals are gRPC statuses", async (t) => {
