@@ -143,9 +143,11 @@ t.test("rotation under steady load", async (t) => {
     return finalSerial === issued.at(-1);
   }, 10_000);
 
-  t.ok(stats.sent > 300, `requests were sent all along (${stats.sent})`);
+  // A count, not a rate: how many fit in the window depends on the machine; what matters is that
+  // requests kept flowing through every rotation and none failed.
+  t.ok(stats.sent > 100, `requests were sent all along (${stats.sent})`);
   t.equal(stats.failed, 0, `no request failed through the pair (${stats.errors.join("; ")})`);
-  t.ok(stats.longLived > 50, `the long-lived connection was used (${stats.longLived} requests)`);
+  t.ok(stats.longLived > 20, `the long-lived connection was used (${stats.longLived} requests)`);
   t.equal(stats.longLivedFailed, 0, "no request on the long-lived connection failed");
   t.equal(reconnects, 1, "the connection made before the rotations was never cut");
   t.ok(issued.length >= 20, `certificates were rotated (${issued.length})`);
