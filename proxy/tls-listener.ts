@@ -135,6 +135,7 @@ export class TlsListener {
       direction: "inbound",
       remote_addr: remote,
       resumed: state.resumed,
+      ...(socket.alpnProtocol ? { alpn: socket.alpnProtocol } : {}),
       ...(name !== "inbound" ? { listener: name } : {}),
       ...(state.kind === "unauthenticated" ? { unauthenticated: true } : {}),
     });
