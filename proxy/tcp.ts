@@ -8,7 +8,6 @@
 //                 the same connector as the HTTP outbound (chain, exact identity SAN, pin, and a
 //                 session cache of verified servers only).
 import net, { type AddressInfo, type Socket } from "node:net";
-import { pipeline } from "node:stream";
 import type { TLSSocket } from "node:tls";
 import { type Config, parseHostPort } from "../config/schema.js";
 import { mtlsConnector, type Upstream } from "./connector.js";
@@ -99,24 +98,30 @@ class TunnelSet {
 }
 
 /**
- * Carries bytes both ways with backpressure (pipe semantics). A side that ends its writing
- * (FIN, or TLS close_notify) ends the other side's writing only: half-close passes through, so a
- * client may send its request, shut down its sending side and still read the whole answer. An
- * error or a premature close on either side destroys both. `done` runs once both sockets closed.
+ * Carries bytes both ways with backpressure (pipe: a full buffer on one side pauses reading from
+ * the other). A side that ends its writing (FIN, or a TLS close_notify) ends the other side's
+ * writing only: half-close passes through, so a client may send its request, shut down its
+ * sending side and still read the whole answer. An error, or a close before both directions
+ * ended (a reset, a revoked peer), destroys the other side too. `done` runs once both closed.
  */
 function splice(a: Socket, b: Socket, done: (err: Error | null) => void): void {
   let first: Error | null = null;
   let closed = 0;
-  const note = (err: Error | null | undefined) => {
-    if (err && !first) first = err;
-  };
-  const onClose = () => {
-    if (++closed === 2) done(first);
-  };
-  a.once("close", onClose);
-  b.once("close", onClose);
-  pipeline(a, b, note);
-  pipeline(b, a, note);
+  for (const [from, to] of [
+    [a, b],
+    [b, a],
+  ] as const) {
+    from.pipe(to);
+    from.on("error", (err) => {
+      first ??= err;
+      to.destroy();
+    });
+    from.once("close", () => {
+      // Closed cleanly means both directions ended; then `to` finishes flushing on its own.
+      if (!(from.readableEnded && from.writableFinished)) to.destroy();
+      if (++closed === 2) done(first);
+    });
+  }
 }
 
 interface InboundListener {

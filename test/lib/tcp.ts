@@ -6,6 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import net, { type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import tls from "node:tls";
 import type { Tap } from "./mesh.js";
 import { run, tool } from "./ops.js";
 import { freePort } from "./podman.js";
@@ -166,4 +167,30 @@ export async function countingServer(t: Tap, handler?: (socket: net.Socket) => v
       return state.bytes;
     },
   };
+}
+
+/**
+ * Connects with node:tls, sends `data`, then ends its sending side (a TLS close_notify and a
+ * FIN) and reads until the other side closes: through a tunnel, that needs half-close to pass.
+ */
+export function tlsSendAndEnd(
+  port: number,
+  options: tls.ConnectionOptions,
+  data: string | Buffer,
+): Promise<{ handshake: boolean; data: Buffer; error: string | null }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let handshake = false;
+    let error: string | null = null;
+    const socket = tls.connect({ host: "127.0.0.1", port, rejectUnauthorized: false, ...options }, () => {
+      handshake = true;
+      socket.end(data);
+    });
+    socket.setTimeout(10_000, () => socket.destroy(new Error("timeout")));
+    socket.on("data", (d: Buffer) => chunks.push(d));
+    socket.on("error", (err: NodeJS.ErrnoException) => {
+      error = err.code ?? err.message;
+    });
+    socket.on("close", () => resolve({ handshake, data: Buffer.concat(chunks), error }));
+  });
 }
