@@ -134,6 +134,8 @@ export interface CountingServer {
   port: number;
   target: string;
   connections: number;
+  /** Connections open now. */
+  open: number;
   bytes: number;
   server: net.Server;
 }
@@ -143,9 +145,11 @@ export interface CountingServer {
  * Half-open sockets, so a client's FIN ends only one direction.
  */
 export async function countingServer(t: Tap, handler?: (socket: net.Socket) => void): Promise<CountingServer> {
-  const state = { connections: 0, bytes: 0 };
+  const state = { connections: 0, open: 0, bytes: 0 };
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
     state.connections++;
+    state.open++;
+    socket.once("close", () => state.open--);
     socket.on("data", (d: Buffer) => {
       state.bytes += d.length;
     });
@@ -162,6 +166,9 @@ export async function countingServer(t: Tap, handler?: (socket: net.Socket) => v
     server,
     get connections() {
       return state.connections;
+    },
+    get open() {
+      return state.open;
     },
     get bytes() {
       return state.bytes;
