@@ -117,7 +117,9 @@ const tcpInbound = z.strictObject({
   }, 'expected "host:port" on loopback (127.0.0.0/8, ::1 or localhost), where only this host can reach it'),
   // Required: a raw TCP server has no per-request check of ours behind it, so "any identity the
   // mesh CA signed" must be written out ("*"), never a default. []: nobody.
-  allow: z.array(identityPattern),
+  allow: z.array(identityPattern, {
+    error: 'expected a list of the identities that may connect ([] for nobody, ["*"] for any the mesh CA signed)',
+  }),
 });
 
 const tcpOutbound = z.strictObject({
@@ -125,7 +127,9 @@ const tcpOutbound = z.strictObject({
   listen: listen.refine((a) => isLoopback(a.host), "the outbound listener must bind to a loopback address"),
   target: peerTarget,
   /** The identity the peer's certificate must carry as an exact DNS SAN. */
-  identity: dnsName,
+  identity: z
+    .string({ error: "expected the DNS name the peer's certificate must carry, such as redis.ashchan.local" })
+    .pipe(dnsName),
   pin: spkiPin.nullable().default(null),
 });
 
@@ -174,8 +178,10 @@ export const configSchema = z.strictObject({
   // Plain TCP tunnels for protocols that are not HTTP (PostgreSQL, Redis, ...), identity checked per connection.
   tcp: z
     .strictObject({
-      inbound: z.array(tcpInbound).default([]),
-      outbound: z.array(tcpOutbound).default([]),
+      inbound: z.array(tcpInbound, { error: "expected a list of listeners {name, listen, target, allow}" }).default([]),
+      outbound: z
+        .array(tcpOutbound, { error: "expected a list of listeners {name, listen, target, identity, pin?}" })
+        .default([]),
     })
     .prefault({})
     .superRefine((tcp, ctx) => {
