@@ -5,7 +5,7 @@
 import net from "node:net";
 import { join } from "node:path";
 import t from "tap";
-import { type Pki, pki, sidecar, sleep, type Tap } from "./lib/mesh.js";
+import { type Pki, pki, sidecar, type Tap } from "./lib/mesh.js";
 import { ashmesh, portOf, writeYaml } from "./lib/spawn.js";
 import { countingServer } from "./lib/tcp.js";
 
@@ -112,7 +112,8 @@ t.test("open tunnels finish, new ones are refused, exit 0", async (t) => {
   outbound.socket.end();
   await Promise.all([inbound.closed, outbound.closed]);
   // A generous bound, a third of the deadline: the exit follows the tunnels, not the clock.
-  const exited = await Promise.race([proc.exited, sleep(30_000).then(() => "still running")]);
+  const bound = new Promise((resolve) => setTimeout(() => resolve("still running"), 30_000).unref());
+  const exited = await Promise.race([proc.exited, bound]);
   t.equal(exited, 0, "exit 0 once the tunnels ended, long before the 90 s deadline");
   t.ok(proc.lines.some((l) => l.event === "stopped"));
 });
