@@ -1,6 +1,6 @@
 // `ashmesh certs issue-all --mesh FILE`: one certificate per service and TCP server of the mesh
-// file, the CA made (with the mesh's caName) when missing; run again it keeps what is current and issues only
-// what is missing, expired or revoked; it never overwrites files it did not make.
+// file, the CA made (with the mesh's caName) when missing; run again it keeps what is current and
+// issues only what is missing, expired or revoked; it never overwrites files it did not make.
 import { X509Certificate } from "node:crypto";
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";

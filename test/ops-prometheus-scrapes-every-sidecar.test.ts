@@ -1,7 +1,7 @@
 // prometheus.yml is valid for Prometheus's own checker, loads the alert rules, and scrapes the
-// admin port of every sidecar of compose/mesh.yaml (its services and TCP servers) under its podman name, labelled with the
-// SERVICE_NAME the sidecar logs with: a service added to (or removed from) the mesh without
-// its scrape target fails here.
+// admin port of every sidecar of compose/mesh.yaml (its services' and TCP servers') under its
+// podman name, labelled with the SERVICE_NAME the sidecar logs with: a service added to (or
+// removed from) the mesh without its scrape target fails here.
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
