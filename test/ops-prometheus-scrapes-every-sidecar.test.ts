@@ -52,36 +52,33 @@ t.test(
   },
 );
 
-t.test(
-  "every sidecar of compose/mesh.yaml (services and TCP servers) is a scrape target, and nothing else",
-  async (t) => {
-    const mesh = loadMesh(at("compose/mesh.yaml"));
-    const config = readYaml<PromConfig>(CONFIG);
-    t.same(config.rule_files, ["alerts.yml"], "rule_files loads alerts.yml next to it");
-    const jobs = config.scrape_configs.filter((j) => j.job_name === "ashmesh");
-    t.equal(jobs.length, 1, 'one job named ashmesh (the alerts select job="ashmesh")');
-    const job = jobs[0];
-    if (!job) return;
-    t.equal(job.metrics_path ?? "/metrics", "/metrics");
-    t.equal(job.scheme ?? "http", "http", "the admin port is plain HTTP");
+t.test("every sidecar of compose/mesh.yaml is a scrape target, and nothing else", async (t) => {
+  const mesh = loadMesh(at("compose/mesh.yaml"));
+  const config = readYaml<PromConfig>(CONFIG);
+  t.same(config.rule_files, ["alerts.yml"], "rule_files loads alerts.yml next to it");
+  const jobs = config.scrape_configs.filter((j) => j.job_name === "ashmesh");
+  t.equal(jobs.length, 1, 'one job named ashmesh (the alerts select job="ashmesh")');
+  const job = jobs[0];
+  if (!job) return;
+  t.equal(job.metrics_path ?? "/metrics", "/metrics");
+  t.equal(job.scheme ?? "http", "http", "the admin port is plain HTTP");
 
-    const targets = new Map<string, Record<string, string>>();
-    for (const sc of job.static_configs ?? []) {
-      for (const target of sc.targets) {
-        t.notOk(targets.has(target), `${target} is listed once`);
-        targets.set(target, sc.labels ?? {});
-      }
+  const targets = new Map<string, Record<string, string>>();
+  for (const sc of job.static_configs ?? []) {
+    for (const target of sc.targets) {
+      t.notOk(targets.has(target), `${target} is listed once`);
+      targets.set(target, sc.labels ?? {});
     }
-    const expected = new Set<string>();
-    const sidecars = [...mesh.services, ...mesh.tcp];
-    for (const s of sidecars) {
-      const target = `${s.dnsName}:${mesh.ports.admin}`;
-      expected.add(target);
-      const labels = targets.get(target);
-      t.ok(labels, `${s.key}: ${target} is scraped`);
-      t.equal(labels?.service, s.serviceName, `${s.key}: labelled service="${s.serviceName}" (its SERVICE_NAME)`);
-    }
-    for (const target of targets.keys()) t.ok(expected.has(target), `${target} is a service of compose/mesh.yaml`);
-    t.equal(targets.size, sidecars.length, `${sidecars.length} targets for ${sidecars.length} sidecars`);
-  },
-);
+  }
+  const expected = new Set<string>();
+  const sidecars = [...mesh.services, ...mesh.tcp];
+  for (const s of sidecars) {
+    const target = `${s.dnsName}:${mesh.ports.admin}`;
+    expected.add(target);
+    const labels = targets.get(target);
+    t.ok(labels, `${s.key}: ${target} is scraped`);
+    t.equal(labels?.service, s.serviceName, `${s.key}: labelled service="${s.serviceName}" (its SERVICE_NAME)`);
+  }
+  for (const target of targets.keys()) t.ok(expected.has(target), `${target} is a service of compose/mesh.yaml`);
+  t.equal(targets.size, sidecars.length, `${sidecars.length} targets for ${sidecars.length} sidecars`);
+});
