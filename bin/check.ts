@@ -4,20 +4,23 @@
 //   --mesh FILE     every edge of a running mesh, over the network, with the dev CA's certificates
 import { readFileSync } from "node:fs";
 import net from "node:net";
-import tls, { type TLSSocket } from "node:tls";
+import tls from "node:tls";
 import { DEFAULT_PKI_DIR, DevCa } from "../certs-dev/store.js";
 import { ConfigError, loadConfig } from "../config/load.js";
 import { edges, loadMesh, type Mesh, type MeshService } from "../config/mesh.js";
 import { type Config, parseHostPort } from "../config/schema.js";
-import { mtlsConnector } from "../proxy/connector.js";
+import { AcmeManager } from "../proxy/acme.js";
+import { ChallengeResponder } from "../proxy/acme-challenge.js";
+import { PeerConnector } from "../proxy/connector.js";
 import { type Identity, identityNotices, validateIdentity } from "../proxy/identity.js";
+import { createLogger } from "../proxy/log.js";
 import { assertUsable, clientSecureContext, type Verified } from "../proxy/tls.js";
 import { subjectAltNames } from "../proxy/x509.js";
 import { parse, UsageError } from "./args.js";
 import { defaultMeshFile } from "./local-mesh.js";
 
 const HELP = `ashmesh check --config FILE [--timeout MS]
-                                          check one sidecar's configuration and files
+                                          check one sidecar's configuration and files (and ACME state)
 ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
                                           check every edge of a running mesh
 
@@ -125,7 +128,8 @@ async function checkConfig(file: string, report: Report, timeoutMs: number): Pro
     const days = Math.floor((s.notAfter.getTime() - now.getTime()) / DAY_MS);
     report.ok(`certificate ${s.subject} valid until ${s.notAfter.toISOString().slice(0, 10)} (${days} days)`);
   }
-  for (const notice of identityNotices(identity, now)) report.fail(notice.message, notice.hint);
+  for (const notice of identityNotices(identity, now, config.acme ?? undefined))
+    report.fail(notice.message, notice.hint);
   if (config.tcp.inbound.length + config.tcp.outbound.length > 0) {
     report.section("tcp targets");
     await checkTcpTargets(config, identity, report, timeoutMs);
@@ -163,18 +167,19 @@ async function checkTcpTargets(config: Config, identity: Identity, report: Repor
   for (const l of config.tcp.outbound) {
     const target = parseHostPort(l.target) as { host: string; port: number };
     let verified: Verified | null = null;
-    const connect = mtlsConnector(
+    const connector = new PeerConnector(
       { identity: l.identity.toLowerCase(), host: target.host, port: target.port, pin: l.pin, label: l.target },
       context as tls.SecureContext,
       identity.ca.certs,
       { connected: (_socket, state) => (verified = state), failed: () => undefined },
       { connectTimeoutMs: timeoutMs, tcpKeepAliveMs: config.limits.tcpKeepAliveMs },
     );
-    const error = await new Promise<Error | null>((resolve) =>
-      connect({ hostname: target.host, protocol: "https:", port: String(target.port) }, (err, socket) => {
-        (socket as TLSSocket | null)?.destroy();
-        resolve(err);
-      }),
+    const error = await connector.connect([]).then(
+      (socket) => {
+        socket.destroy();
+        return null;
+      },
+      (err: Error) => err,
     );
     const state = verified as Verified | null;
     if (error || !state)
@@ -183,6 +188,49 @@ async function checkTcpTargets(config: Config, identity: Identity, report: Repor
         `is the peer's sidecar listening on ${l.target}, with a certificate for ${l.identity}?`,
       );
     else report.ok(`tcp.outbound ${l.name}: ${l.target} proved ${l.identity} (${state.version})`);
+  }
+}
+
+/** ACME: the directory answers, and what the sidecar's manager last did (acme-state.json beside tls.key). */
+async function checkAcme(config: Config, report: Report): Promise<void> {
+  const acme = config.acme;
+  if (!acme) return;
+  report.section("acme");
+  const logger = createLogger({ service: config.service.name, level: "silent" });
+  const manager = new AcmeManager(config, logger, new ChallengeResponder(logger, config.limits));
+  try {
+    const down = await manager.verifyDirectory();
+    if (down) report.fail(`the ACME directory does not answer: ${down}`, "is the CA up and reachable from this host?");
+    else report.ok(`ACME directory ${acme.directory} answers`);
+  } catch (err) {
+    report.fail((err as Error).message, "README § Certificates from step-ca, Vault or any ACME CA");
+  }
+  const files = await manager.inspect();
+  if (files.usable)
+    report.ok(
+      `certificate ${files.serial} (${acme.names.join(", ")}), renewal due ${new Date(files.dueAt).toISOString()}`,
+    );
+  else report.fail(`the certificate files need a new order: ${files.reason}`, "the sidecar orders one at start");
+  const state = AcmeManager.readState(config);
+  if (!state) {
+    report.fail(
+      `no ACME state in ${AcmeManager.statePath(config)}: the sidecar has not ordered yet`,
+      "start it: ashmesh proxy --config FILE",
+    );
+    return;
+  }
+  const last = state.last_order;
+  if (last?.result === "ok") report.ok(`last order ${last.at}: ok${last.serial ? ` (serial ${last.serial})` : ""}`);
+  else if (last)
+    report.fail(
+      `last order ${last.at} failed (${state.consecutive_failures} in a row): ${last.reason}`,
+      state.next_retry ? `next attempt ${state.next_retry}; see the acme_renewal_failed log lines` : undefined,
+    );
+  if (state.next_renewal) {
+    const overdue = Date.parse(state.next_renewal) < Date.now() && state.consecutive_failures > 0;
+    if (overdue)
+      report.fail(`renewal was due ${state.next_renewal} and has not succeeded yet`, "see the last error above");
+    else report.ok(`next renewal ${state.next_renewal}`);
   }
 }
 
@@ -347,7 +395,17 @@ export async function main(argv: string[]): Promise<number> {
   if (!Number.isInteger(timeout) || timeout <= 0)
     throw new UsageError(`--timeout=${values.timeout}: expected milliseconds`);
   const report = new Report();
-  if (values.config) await checkConfig(values.config, report, timeout);
+  if (values.config) {
+    await checkConfig(values.config, report, timeout);
+    const config = (() => {
+      try {
+        return loadConfig({ file: values.config, env: process.env });
+      } catch {
+        return null; // reported above
+      }
+    })();
+    if (config) await checkAcme(config, report);
+  }
   if (values.mesh !== undefined || !values.config) {
     const mesh = loadMesh(values.mesh ?? defaultMeshFile());
     await checkMesh(mesh, values.dir, values.addresses, timeout, report);

@@ -33,6 +33,8 @@ export interface IssueRequest {
   days?: number;
   notBefore?: Date;
   algorithm?: KeyAlgorithm;
+  /** CRL distribution points (http or https URLs) the certificate names. */
+  crlUrls?: string[];
 }
 
 export interface RevokedEntry {
@@ -180,6 +182,7 @@ export async function issueCertificate(ca: KeyPairPem, request: IssueRequest): P
       new x509.SubjectAlternativeNameExtension(names),
       await x509.AuthorityKeyIdentifierExtension.create(caCert),
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+      ...(request.crlUrls?.length ? [new x509.CRLDistributionPointsExtension(request.crlUrls)] : []),
     ],
   });
   return issued(cert, keys, serial, notBefore, notAfter);

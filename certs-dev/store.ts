@@ -6,18 +6,11 @@
 //   <dns-name>/server.crt, server.key     one identity per service
 // Every file is written by rename, so a watcher never sees half a file; keys are 0600, certs 0644;
 // nothing is overwritten unless the caller says so.
+// writeAtomic lives in proxy/files.ts (the ACME manager and the CRL fetcher write with it too).
 import { createPrivateKey, X509Certificate } from "node:crypto";
-import {
-  chmodSync,
-  chownSync,
-  existsSync,
-  mkdirSync,
-  readFileSync,
-  renameSync,
-  statSync,
-  writeFileSync,
-} from "node:fs";
-import { dirname, join } from "node:path";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { writeAtomic } from "../proxy/files.js";
 import { normalizeSerial, subjectOf } from "../proxy/x509.js";
 import {
   createCa,
@@ -28,6 +21,8 @@ import {
   type KeyPairPem,
   keyAlgorithm,
 } from "./pki.js";
+
+export { writeAtomic };
 
 export interface IssuedRecord {
   name: string;
@@ -78,38 +73,6 @@ export const DEFAULT_PKI_DIR = ".ashmesh/pki";
 const DAY_MS = 86_400_000;
 const RESERVED = new Set(["ca", "trust"]);
 const NAME = /^[a-zA-Z0-9_](?:[a-zA-Z0-9_.-]{0,251}[a-zA-Z0-9_])?$/;
-
-/**
- * Writes by rename in the same directory: readers see the old file or the new one, never half.
- * A replaced file keeps its owner and group: an operator who gave a key (0600) to the user a
- * sidecar runs as (a container's uid 10001, a systemd User=) must not lose that sidecar on the
- * next rotation because root wrote the new key.
- */
-export function writeAtomic(path: string, data: string | Buffer, mode: number): void {
-  mkdirSync(dirname(path), { recursive: true });
-  const tmp = join(dirname(path), `.${Date.now().toString(36)}.${process.pid}.tmp`);
-  writeFileSync(tmp, data, { mode });
-  chmodSync(tmp, mode);
-  const previous = ownerOf(path);
-  if (previous && (previous.uid !== process.getuid?.() || previous.gid !== process.getgid?.())) {
-    try {
-      chownSync(tmp, previous.uid, previous.gid);
-    } catch (err) {
-      // Only root may give a file away; anyone else writes as themselves, as before.
-      if ((err as NodeJS.ErrnoException).code !== "EPERM") throw err;
-    }
-  }
-  renameSync(tmp, path);
-}
-
-function ownerOf(path: string): { uid: number; gid: number } | null {
-  try {
-    const { uid, gid } = statSync(path);
-    return { uid, gid };
-  } catch {
-    return null;
-  }
-}
 
 /** Current: the newest certificate of its name, not revoked. */
 export function isCurrent(r: IssuedRecord): boolean {

@@ -1,7 +1,7 @@
 // Reads a sidecar's configuration from a YAML/JSON file and the seed's environment variables,
 // which override the file. The environment is a parameter, so tests never touch process.env.
 import { readFileSync } from "node:fs";
-import { dirname, isAbsolute, resolve } from "node:path";
+import { dirname, isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import type { z } from "zod";
 import { type Config, configSchema, parseHostPort } from "./schema.js";
@@ -26,6 +26,8 @@ interface EnvVar {
   expected?: string;
   /** Lists: set but empty means the empty list (nobody), not "unset". */
   emptyIsValue?: boolean;
+  /** A secret: an error names the variable but never shows its value. */
+  secret?: boolean;
 }
 
 function at(raw: Record<string, unknown>, section: string): Record<string, unknown> {
@@ -48,6 +50,15 @@ function bool(value: string): unknown {
   if (["false", "0", "no", "off"].includes(v)) return false;
   return value; // left as a string: the schema names the variable and says a boolean is expected
 }
+
+function eab(raw: Record<string, unknown>): Record<string, unknown> {
+  const section = at(raw, "acme");
+  if (!section.eab || typeof section.eab !== "object") section.eab = {};
+  return section.eab as Record<string, unknown>;
+}
+
+/** Fields whose value never appears in an error message. */
+const SECRET_FIELDS = new Set(["acme.eab.hmac"]);
 
 const list = (value: string): string[] =>
   value
@@ -105,10 +116,28 @@ export const ENV_VARS: Record<string, EnvVar> = {
   TCP_INBOUND: { field: "tcp.inbound", set: put("tcp", "inbound", yamlList) },
   TCP_OUTBOUND: { field: "tcp.outbound", set: put("tcp", "outbound", yamlList) },
   ADMIN_LISTEN: { field: "admin.listen", set: put("admin", "listen") },
+  MTLS_CRL_URL: { field: "tls.crlUrl", set: put("tls", "crlUrl", list) },
+  // ACME: setting ACME_DIRECTORY turns the section on; the others refine it.
+  ACME_DIRECTORY: { field: "acme.directory", set: put("acme", "directory") },
+  ACME_CA_BUNDLE: { field: "acme.caBundle", set: put("acme", "caBundle") },
+  ACME_EAB_KID: {
+    field: "acme.eab.kid",
+    set: (raw, value) => {
+      eab(raw).kid = value;
+    },
+  },
+  ACME_EAB_HMAC: {
+    field: "acme.eab.hmac",
+    set: (raw, value) => {
+      eab(raw).hmac = value;
+    },
+    secret: true,
+  },
   LOG_LEVEL: { field: "log.level", set: put("log", "level", (v) => v.trim().toLowerCase()) },
 };
 
 const FILE_FIELDS = ["cert", "key", "ca", "clientCert", "clientKey", "crl"] as const;
+const ACME_FILE_FIELDS = ["caBundle", "accountKey"] as const;
 
 function valueAt(input: unknown, path: readonly PropertyKey[]): unknown {
   let current = input;
@@ -143,6 +172,8 @@ function formatIssues(
     const subject = envName ? `${envName} (${field})` : field || "the configuration";
     const expected = (envName && ENV_VARS[envName]?.expected) || issue.message;
     if (value === undefined) return `${subject} is required: ${expected}`;
+    if (SECRET_FIELDS.has(field) || (envName && ENV_VARS[envName]?.secret))
+      return `${subject} (secret, not shown) is not valid: ${expected}`;
     return `${subject}=${describe(envValue ? envValue.value : value)} is not valid: ${expected}`;
   });
 }
@@ -157,12 +188,16 @@ export function parseConfig(input: unknown, options: { env?: Env; source?: strin
 
   // Paths in a file are relative to that file; paths from the environment to the working directory.
   if (options.baseDir) {
-    const tlsSection = raw.tls;
-    if (tlsSection && typeof tlsSection === "object") {
-      const t = tlsSection as Record<string, unknown>;
-      for (const key of FILE_FIELDS) {
-        const value = t[key];
-        if (typeof value === "string" && value && !isAbsolute(value)) t[key] = resolve(options.baseDir, value);
+    for (const [name, keys] of [
+      ["tls", FILE_FIELDS],
+      ["acme", ACME_FILE_FIELDS],
+    ] as const) {
+      const section = raw[name];
+      if (!section || typeof section !== "object") continue;
+      const s = section as Record<string, unknown>;
+      for (const key of keys) {
+        const value = s[key];
+        if (typeof value === "string" && value && !isAbsolute(value)) s[key] = resolve(options.baseDir, value);
       }
     }
   }
@@ -193,6 +228,13 @@ export function parseConfig(input: unknown, options: { env?: Env; source?: strin
       ...parsed.outbound,
       destinations: parsed.outbound.destinations ?? (parentDomain ? [`*.${parentDomain}`] : []),
     },
+    acme: parsed.acme
+      ? {
+          ...parsed.acme,
+          names: (parsed.acme.names ?? [parsed.service.dnsName]).map((n) => n.toLowerCase()),
+          accountKey: parsed.acme.accountKey ?? join(dirname(parsed.tls.key), "acme-account.key"),
+        }
+      : null,
   };
   config.outbound.resolve = Object.fromEntries(
     Object.entries(config.outbound.resolve).map(([name, address]) => [name.toLowerCase(), address]),
@@ -206,12 +248,44 @@ export function parseConfig(input: unknown, options: { env?: Env; source?: strin
       );
     }
   }
+  checkAcme(config, source);
+  if (config.tls.crlUrl.length > 0 && !config.tls.crl) {
+    throw new ConfigError(
+      `${source}:\n  tls.crlUrl is set but tls.crl is not: the fetched CRLs are written to tls.crl (MTLS_CRL_FILE), which the sidecar then loads; set it`,
+    );
+  }
   if (config.tls.minVersion === "TLSv1.2" && config.tls.ciphers.every((c) => c.startsWith("TLS_"))) {
     throw new ConfigError(
       `${source}:\n  tls.ciphers=${describe(config.tls.ciphers)} is not valid: tls.minVersion is TLSv1.2 but every cipher is a TLS 1.3 suite; add TLS 1.2 suites such as ECDHE-ECDSA-AES256-GCM-SHA384`,
     );
   }
   return config;
+}
+
+/** What the acme section needs of the rest of the configuration. */
+function checkAcme(config: Config, source: string): void {
+  const acme = config.acme;
+  if (!acme) return;
+  const problems: string[] = [];
+  if (!acme.names.includes(config.service.dnsName.toLowerCase()))
+    problems.push(
+      `acme.names=${describe(acme.names)} is not valid: it must include service.dnsName ${config.service.dnsName}, the identity peers expect`,
+    );
+  if (acme.challenge === "tls-alpn-01" && !config.inbound.enabled)
+    problems.push(
+      'acme.challenge="tls-alpn-01" is not valid: it is answered on the inbound listener, which is disabled (inbound.enabled: false); use http-01 with acme.http01Listen',
+    );
+  if (acme.challenge === "http-01" && !acme.http01Listen)
+    problems.push(
+      'acme.challenge="http-01" is not valid: set acme.http01Listen (the CA connects to port 80 of the name)',
+    );
+  if (acme.retryMinMs > acme.retryMaxMs)
+    problems.push(`acme.retryMinMs=${acme.retryMinMs} is not valid: it is above acme.retryMaxMs (${acme.retryMaxMs})`);
+  if (config.tls.clientCert !== config.tls.cert || config.tls.clientKey !== config.tls.key)
+    problems.push(
+      "tls.clientCert/tls.clientKey are set apart from tls.cert/tls.key: with acme, the one certificate the CA issues serves both directions; remove them",
+    );
+  if (problems.length) throw new ConfigError(`${source}:\n  ${problems.join("\n  ")}`);
 }
 
 /** Reads FILE (YAML or JSON) when given, then applies the environment. */

@@ -133,6 +133,53 @@ const tcpOutbound = z.strictObject({
   pin: spkiPin.nullable().default(null),
 });
 
+// ACME (RFC 8555) is spoken over HTTPS only; credentials in the URL would reach logs and /status.
+const httpsUrl = z
+  .string()
+  .refine((value) => URL.canParse(value) && new URL(value).protocol === "https:", "expected an https:// URL")
+  .refine((value) => !URL.canParse(value) || !new URL(value).username, "expected a URL without credentials");
+
+// CRLs are signed, so a distribution point may be plain HTTP (most are); the signature is checked.
+const crlUrl = z
+  .string()
+  .refine(
+    (value) => URL.canParse(value) && ["https:", "http:"].includes(new URL(value).protocol),
+    "expected an https:// (or http://) URL of a CRL",
+  );
+
+/** The keys ACME certificates are made with; ECDSA P-256 is the seed's. */
+export const ACME_KEY_TYPES = ["ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072"] as const;
+
+const acme = z.strictObject({
+  /** The CA's ACME directory (ACME_DIRECTORY). */
+  directory: httpsUrl,
+  /** PEM bundle the ACME server's HTTPS certificate must chain to (ACME_CA_BUNDLE); null: the system's roots. */
+  caBundle: z.string().min(1).nullable().default(null),
+  /** External account binding (ACME_EAB_KID, ACME_EAB_HMAC): step-ca, Vault and most private CAs ask for it. */
+  eab: z
+    .strictObject({
+      kid: z.string().min(1),
+      hmac: z.string().regex(/^[A-Za-z0-9_=+/-]+$/, "expected the base64url HMAC key the CA handed out"),
+    })
+    .nullable()
+    .default(null),
+  /** DNS names to request; default [service.dnsName], which must be one of them. */
+  names: z.array(dnsName).min(1).optional(),
+  keyType: z.enum(ACME_KEY_TYPES).default("ecdsa-p256"),
+  /** The ACME account's private key; made (0600) when missing. Default: acme-account.key beside tls.key. */
+  accountKey: z.string().min(1).optional(),
+  email: z.email("expected an e-mail address").nullable().default(null),
+  /** tls-alpn-01 is answered on the inbound listener itself; http-01 needs http01Listen. */
+  challenge: z.enum(["tls-alpn-01", "http-01"]).default("tls-alpn-01"),
+  /** Where http-01 is answered (the CA connects to port 80 of the name); null: no http-01 listener. */
+  http01Listen: listen.nullable().default(null),
+  /** Renew once this fraction of the certificate's lifetime has passed (the seed's 70 %). */
+  renewAt: z.number().gt(0).lt(1).default(0.7),
+  /** Backoff between failed orders: from retryMinMs, doubling, jittered, up to retryMaxMs. */
+  retryMinMs: positiveMs.default(5_000),
+  retryMaxMs: positiveMs.default(3_600_000),
+});
+
 export const configSchema = z.strictObject({
   service: z.strictObject({
     name: z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, "expected a service name such as auth-accounts"),
@@ -146,6 +193,13 @@ export const configSchema = z.strictObject({
       clientCert: z.string().min(1).optional(),
       clientKey: z.string().min(1).optional(),
       crl: z.string().min(1).nullable().default(null),
+      /** Where the CRLs are fetched from (with the CRL distribution points of our chain); written to tls.crl. */
+      crlUrl: z
+        .union([crlUrl, z.array(crlUrl)])
+        .transform((v) => (Array.isArray(v) ? v : [v]))
+        .default([]),
+      /** How often the CRLs are fetched (and always when one reaches its nextUpdate). */
+      crlRefreshMs: positiveMs.default(300_000),
       minVersion: tlsVersion.default("TLSv1.3"),
       ciphers: z.array(cipher).min(1).default(["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]),
     })
@@ -156,6 +210,8 @@ export const configSchema = z.strictObject({
       listen: listen.default({ host: "0.0.0.0", port: 8443 }),
       verifyClient: z.boolean().default(true),
       app: httpUrl.default("http://127.0.0.1:9502"),
+      // What the app speaks: HTTP/1.1, or HTTP/2 cleartext with prior knowledge (gRPC servers).
+      appProtocol: z.enum(["http1", "h2c"]).default("http1"),
       // Absent: any identity the mesh CA signed. []: nobody.
       allow: z.array(identityPattern).optional(),
       routes: z.array(route).default([]),
@@ -213,6 +269,8 @@ export const configSchema = z.strictObject({
       hosts: z.array(dnsName).default([]),
     })
     .prefault({}),
+  // Absent or null: certificates come from files someone else writes.
+  acme: acme.nullable().default(null),
   limits: z
     .strictObject({
       maxConnections: z.number().int().positive().default(4096),
@@ -256,7 +314,10 @@ export type ConfigInput = z.input<typeof configSchema>;
 type ParsedConfig = z.output<typeof configSchema>;
 
 /** The configuration the sidecar runs with: every default applied, derived values filled in. */
-export type Config = Omit<ParsedConfig, "tls" | "outbound"> & {
+export type Config = Omit<ParsedConfig, "tls" | "outbound" | "acme"> & {
   tls: ParsedConfig["tls"] & { clientCert: string; clientKey: string };
   outbound: ParsedConfig["outbound"] & { destinations: string[] };
+  acme: AcmeConfig | null;
 };
+
+export type AcmeConfig = NonNullable<ParsedConfig["acme"]> & { names: string[]; accountKey: string };

@@ -5,9 +5,12 @@
 // hold the table against clients whose handshakes take milliseconds. Each gets a deadline for
 // its whole handshake. The first bytes are read here: a connection that never sends any was a
 // probe (a health check, a port scan) and is not a failed handshake; one whose first byte is not
-// a TLS record is told so and closed. Only then is the socket handed to the TLS server.
+// a TLS record is told so and closed. Only then is the socket handed to the TLS server. With
+// `readHello`, the whole first record (the ClientHello) is read first and handed over with the
+// socket, so that the listener can route by what the client offers (ACME's tls-alpn-01).
 import net, { type AddressInfo, type Socket } from "node:net";
 import type { Config } from "../config/schema.js";
+import { firstRecordLength } from "./client-hello.js";
 import type { FailureReason } from "./metrics.js";
 
 /** TLS record type of a handshake message (RFC 8446 §5.1): every ClientHello starts with it. */
@@ -25,8 +28,11 @@ interface Pending {
 }
 
 export interface AcceptorHooks {
-  /** A connection that started with a TLS record: hand it to the TLS server. */
-  handOver(raw: Socket): void;
+  /**
+   * A connection that started with a TLS record: hand it to the TLS server. `hello` is the first
+   * record as read (all of it with readHello; else the first chunk), already put back on `raw`.
+   */
+  handOver(raw: Socket, hello: Buffer): void;
   /**
    * A handshake that failed, once per connection: closed by admission (timeout, overload), failed
    * by TLS (the reason it gave), or ended by the client midway (aborted).
@@ -64,6 +70,7 @@ export class Acceptor {
       | "handshakesPerSecondPerSource"
     >,
     private readonly hooks: AcceptorHooks,
+    private readonly options: { readHello?: boolean } = {},
   ) {
     this.rate = new SourceRate(limits.handshakesPerSecondPerSource);
     this.server = net.createServer({ pauseOnConnect: true, noDelay: true }, (raw) => this.accept(raw));
@@ -138,19 +145,28 @@ export class Acceptor {
     };
     this.pending.set(id, entry);
     this.perSource.set(source, (this.perSource.get(source) ?? 0) + 1);
-    raw.once("data", (chunk: Buffer) => {
+    let read: Buffer = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
       entry.started = true;
-      if (chunk[0] !== TLS_HANDSHAKE_RECORD) {
+      read = read.length === 0 ? chunk : Buffer.concat([read, chunk]);
+      if (read[0] !== TLS_HANDSHAKE_RECORD) {
+        raw.off("data", onData);
         this.forget(id);
-        this.hooks.notTls(raw, /^[A-Z]{3,10} /.test(chunk.subarray(0, 12).toString("latin1")));
+        this.hooks.notTls(raw, /^[A-Z]{3,10} /.test(read.subarray(0, 12).toString("latin1")));
         return;
       }
+      // A ClientHello split over TCP segments: wait for the rest of its record (the handshake
+      // deadline above still applies). A record too long to be a ClientHello is not waited for.
+      const needed = this.options.readHello ? firstRecordLength(read) : null;
+      if (needed !== null && read.length < needed) return;
+      raw.off("data", onData);
       raw.pause();
-      raw.unshift(chunk);
-      this.hooks.handOver(raw);
+      raw.unshift(read);
+      this.hooks.handOver(raw, read);
       // The TLS socket reads what was put back, then the rest from the wire.
       process.nextTick(() => raw.resume());
-    });
+    };
+    raw.on("data", onData);
     raw.resume();
   }
 

@@ -25,77 +25,95 @@ export interface ConnectorHooks {
   failed(err: Error): void;
 }
 
-export function mtlsConnector(
-  upstream: Upstream,
-  context: SecureContext,
-  trust: readonly X509Certificate[],
-  hooks: ConnectorHooks,
-  limits: Pick<Config["limits"], "connectTimeoutMs" | "tcpKeepAliveMs">,
-): buildConnector.connector {
-  const timeoutMs = limits.connectTimeoutMs;
-  // The latest session of a verified server and the identity it proved. TLS 1.3 tickets may be
-  // reused for full resumption (no early data is ever sent), so one is enough for the whole pool.
-  let session: { ticket: Buffer; peer: PeerIdentity } | undefined;
-  return (_options, callback) => {
-    const started = performance.now();
-    let settled = false;
-    let verified: PeerIdentity | null = null;
-    let pending: Buffer | undefined;
-    const offered = session;
-    const socket = tls.connect({
-      host: upstream.host,
-      port: upstream.port,
-      servername: upstream.identity,
-      secureContext: context,
-      ...(offered ? { session: offered.ticket } : {}),
-      // classifyOutbound decides below, so that a refusal carries its real reason and the names seen.
-      rejectUnauthorized: false,
-      checkServerIdentity: () => undefined,
-      ALPNProtocols: ["http/1.1"],
+/**
+ * Verified mTLS connections to one peer. The latest session of a verified server is kept with
+ * the identity it proved: TLS 1.3 tickets may be reused for full resumption (no early data is
+ * ever sent), so one is enough for every connection to the peer.
+ */
+export class PeerConnector {
+  private session: { ticket: Buffer; peer: PeerIdentity } | undefined;
+
+  constructor(
+    private readonly upstream: Upstream,
+    private readonly context: SecureContext,
+    private readonly trust: readonly X509Certificate[],
+    private readonly hooks: ConnectorHooks,
+    private readonly limits: Pick<Config["limits"], "connectTimeoutMs" | "tcpKeepAliveMs">,
+  ) {}
+
+  /** A TCP + TLS connection offering `alpn`, handed over only once the server passed classifyOutbound. */
+  connect(alpn: readonly string[]): Promise<TLSSocket> {
+    const { upstream, hooks, limits } = this;
+    const timeoutMs = limits.connectTimeoutMs;
+    return new Promise((resolve, reject) => {
+      const started = performance.now();
+      let settled = false;
+      let verified: PeerIdentity | null = null;
+      let pending: Buffer | undefined;
+      const offered = this.session;
+      const socket = tls.connect({
+        host: upstream.host,
+        port: upstream.port,
+        servername: upstream.identity,
+        secureContext: this.context,
+        ...(offered ? { session: offered.ticket } : {}),
+        // classifyOutbound decides below, so that a refusal carries its real reason and the names seen.
+        rejectUnauthorized: false,
+        checkServerIdentity: () => undefined,
+        ALPNProtocols: [...alpn],
+      });
+      socket.setNoDelay(true);
+      socket.setKeepAlive(true, limits.tcpKeepAliveMs);
+      const finish = (err: Error | null) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (err) {
+          socket.destroy();
+          hooks.failed(err);
+          reject(err);
+        } else resolve(socket);
+      };
+      const timer = setTimeout(
+        () =>
+          finish(
+            Object.assign(new Error(`${upstream.label}: no TLS connection within ${timeoutMs} ms`), {
+              code: "UND_ERR_CONNECT_TIMEOUT",
+            }),
+          ),
+        timeoutMs,
+      );
+      socket.on("session", (ticket: Buffer) => {
+        if (verified) this.session = { ticket, peer: verified };
+        else pending = ticket;
+      });
+      socket.once("secureConnect", () => {
+        // A resumed session was verified when it was first made (sessions are only cached after
+        // verification, per upstream and per identity generation); its certificate is not resent.
+        const state =
+          socket.isSessionReused() && offered
+            ? classifyResumed(socket, offered.peer, upstream)
+            : classifyOutbound(socket, upstream, this.trust);
+        if (state.kind === "refused") {
+          this.session = undefined;
+          return finish(new PeerRefusedError(state));
+        }
+        verified = state.peer;
+        if (pending) this.session = { ticket: pending, peer: verified };
+        hooks.connected(socket, state, (performance.now() - started) / 1000);
+        finish(null);
+      });
+      socket.once("error", (err) => finish(err));
     });
-    socket.setNoDelay(true);
-    socket.setKeepAlive(true, limits.tcpKeepAliveMs);
-    const finish = (err: Error | null) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      if (err) {
-        socket.destroy();
-        hooks.failed(err);
-        callback(err, null);
-      } else {
-        callback(null, socket);
-      }
+  }
+
+  /** The same as an undici connector: HTTP/1.1 connections for a Pool. */
+  undici(): buildConnector.connector {
+    return (_options, callback) => {
+      this.connect(["http/1.1"]).then(
+        (socket) => callback(null, socket),
+        (err: Error) => callback(err, null),
+      );
     };
-    const timer = setTimeout(
-      () =>
-        finish(
-          Object.assign(new Error(`${upstream.label}: no TLS connection within ${timeoutMs} ms`), {
-            code: "UND_ERR_CONNECT_TIMEOUT",
-          }),
-        ),
-      timeoutMs,
-    );
-    socket.on("session", (ticket: Buffer) => {
-      if (verified) session = { ticket, peer: verified };
-      else pending = ticket;
-    });
-    socket.once("secureConnect", () => {
-      // A resumed session was verified when it was first made (sessions are only cached after
-      // verification, per upstream and per identity generation); its certificate is not resent.
-      const state =
-        socket.isSessionReused() && offered
-          ? classifyResumed(socket, offered.peer, upstream)
-          : classifyOutbound(socket, upstream, trust);
-      if (state.kind === "refused") {
-        session = undefined;
-        return finish(new PeerRefusedError(state));
-      }
-      verified = state.peer;
-      if (pending) session = { ticket: pending, peer: verified };
-      hooks.connected(socket, state, (performance.now() - started) / 1000);
-      finish(null);
-    });
-    socket.once("error", (err) => finish(err));
-  };
+  }
 }

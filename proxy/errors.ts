@@ -3,6 +3,7 @@
 // raw errors to fromUpstreamError) and hands them to sendError, or, on a socket no HTTP response
 // object exists for (parse errors, CONNECT, upgrades), to writeSocketError.
 import { type ServerResponse, STATUS_CODES } from "node:http";
+import { type Http2ServerResponse, constants as h2 } from "node:http2";
 import type { Duplex } from "node:stream";
 import { failureReason, PeerRefusedError } from "./tls.js";
 
@@ -11,7 +12,6 @@ export type ProxyErrorCode =
   | "non_canonical_path"
   | "forbidden"
   | "destination_not_allowed"
-  | "method_not_allowed"
   | "not_implemented"
   | "headers_too_large"
   | "request_timeout"
@@ -28,7 +28,6 @@ const STATUS: Record<ProxyErrorCode, number> = {
   non_canonical_path: 400,
   forbidden: 403,
   destination_not_allowed: 403,
-  method_not_allowed: 405,
   not_implemented: 501,
   headers_too_large: 431,
   request_timeout: 408,
@@ -104,19 +103,81 @@ export function fromUpstreamError(err: unknown, side: "app" | "peer", target: st
   return new ProxyError(side === "app" ? "app_unavailable" : "peer_unavailable", `${target} ${what}`, extra);
 }
 
-/** Writes the JSON error answer; a response already under way is cut instead. */
-export function sendError(res: ServerResponse, error: ProxyError): void {
+/** gRPC status codes (grpc/doc/statuscodes.md) for each failure, for callers that speak gRPC. */
+const GRPC_STATUS: Record<ProxyErrorCode, number> = {
+  bad_request: 3, // INVALID_ARGUMENT
+  non_canonical_path: 3,
+  forbidden: 7, // PERMISSION_DENIED
+  destination_not_allowed: 7,
+  not_implemented: 12, // UNIMPLEMENTED
+  headers_too_large: 8, // RESOURCE_EXHAUSTED
+  request_timeout: 4, // DEADLINE_EXCEEDED
+  app_unavailable: 14, // UNAVAILABLE
+  peer_unavailable: 14,
+  peer_identity_mismatch: 14,
+  peer_tls_failed: 14,
+  peer_revoked: 14,
+  app_timeout: 4,
+  peer_timeout: 4,
+};
+
+/** grpc-message is percent-encoded: printable ASCII but "%" as is, every other byte as %XX. */
+function grpcMessage(text: string): string {
+  let out = "";
+  for (const byte of Buffer.from(text, "utf8")) {
+    out +=
+      byte >= 0x20 && byte <= 0x7e && byte !== 0x25
+        ? String.fromCharCode(byte)
+        : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
+}
+
+type Reply = ServerResponse | Http2ServerResponse;
+
+/**
+ * Writes the answer to a failed request: JSON with `x-ashmesh-error`, or for a gRPC call the
+ * gRPC status (HTTP 200, `grpc-status` and `grpc-message`, the code also in `x-ashmesh-error`),
+ * as trailers after a response already under way. Any other response under way is cut.
+ */
+export function sendError(res: Reply, error: ProxyError, grpc = false): void {
+  if (grpc) {
+    sendGrpcError(res, error);
+    return;
+  }
   if (res.headersSent) {
-    res.destroy(error);
+    if ("stream" in res) res.stream.close(h2.NGHTTP2_INTERNAL_ERROR);
+    else res.destroy(error);
     return;
   }
   const body = error.body();
-  res.writeHead(error.status, {
+  // Both kinds of response take these arguments; their overloads just do not unify.
+  (res as ServerResponse).writeHead(error.status, {
     "content-type": "application/json",
     "content-length": Buffer.byteLength(body),
     "x-ashmesh-error": error.code,
   });
   res.end(body);
+}
+
+function sendGrpcError(res: Reply, error: ProxyError): void {
+  const status = {
+    "grpc-status": String(GRPC_STATUS[error.code]),
+    "grpc-message": grpcMessage(error.message),
+    "x-ashmesh-error": error.code,
+  };
+  if (res.headersSent) {
+    res.addTrailers(status);
+    res.end();
+    return;
+  }
+  if ("stream" in res && !res.stream.destroyed) {
+    // Trailers-Only: one HEADERS frame that ends the stream, as gRPC servers answer a refusal.
+    res.stream.respond({ ":status": 200, "content-type": "application/grpc", ...status }, { endStream: true });
+    return;
+  }
+  (res as ServerResponse).writeHead(200, { "content-type": "application/grpc", ...status });
+  res.end();
 }
 
 /**

@@ -5,6 +5,7 @@ import { createHash, createPrivateKey, type KeyObject, X509Certificate } from "n
 import { readFileSync, statSync } from "node:fs";
 import { type PeerIdentity, peerIdentity } from "./policy.js";
 import {
+  allowsCrlSigning,
   chainToCa,
   crlSigner,
   EKU,
@@ -325,6 +326,15 @@ async function parseCrls(
       findings.warn("tls.crl", file, `CRL #${i + 1} (issuer ${crl.issuer}) is not signed by any CA in tls.ca: ignored`);
       continue;
     }
+    if (!(await allowsCrlSigning(issuerCa))) {
+      findings.error(
+        "tls.crl",
+        file,
+        `CRL #${i + 1} is signed by "${subjectOf(issuerCa)}", whose key usage does not include cRLSign: OpenSSL refuses the CRL, and then every peer of that CA`,
+        "the CA certificate must allow CRL signing (keyUsage cRLSign)",
+      );
+      continue;
+    }
     if (crl.nextUpdate && crl.nextUpdate < now) {
       findings.error(
         "tls.crl",
@@ -357,6 +367,23 @@ async function parseCrls(
     }
   }
   return lists;
+}
+
+/**
+ * A CRL file's content checked against a CA bundle exactly as a reload would check it (signed by a
+ * CA of the bundle, not past its nextUpdate, one for every CA): what the CRL fetcher runs before it
+ * writes tls.crl, so that a list the sidecar would refuse is never written.
+ */
+export async function validateCrls(
+  files: { ca: string; crl: string },
+  caPem: Buffer,
+  crlPem: Buffer,
+  now = new Date(),
+): Promise<{ lists: ParsedCrl[]; findings: Finding[]; failed: boolean }> {
+  const findings = new Findings();
+  const bundle = parseCertificates(findings, "tls.ca", files.ca, caPem);
+  const lists = bundle ? await parseCrls(findings, files.crl, crlPem, bundle, now) : [];
+  return { lists, findings: findings.list, failed: findings.failed };
 }
 
 export function isRevoked(identity: Pick<Identity, "crl">, serial: string): boolean {
@@ -495,7 +522,13 @@ export type Notice = { message: string; hint: string } & (
   | { event: "crl_expiring" | "crl_expired"; issuer: string; nextUpdate: Date }
 );
 
-export function identityNotices(identity: Identity, now = new Date()): Notice[] {
+/**
+ * Warnings about a valid identity. With `acme` (the manager renews at `renewAt` of the lifetime),
+ * a short lifetime is normal (step-ca issues 24-hour certificates): a certificate is reported as
+ * expiring only once half of its renewal window has passed without a renewal — with the default
+ * 0.7, under 15 % of its lifetime left, the threshold of the expiry alerts for ACME sidecars.
+ */
+export function identityNotices(identity: Identity, now = new Date(), acme?: { renewAt: number }): Notice[] {
   const notices: Notice[] = [];
   // A CRL past its nextUpdate makes OpenSSL refuse every peer of its CA (crl_expired): say so
   // ahead, and loudly once it happened, rather than trusting an old list forever.
@@ -517,7 +550,10 @@ export function identityNotices(identity: Identity, now = new Date()): Notice[] 
   for (const leaf of new Set([identity.server, identity.client])) {
     const s = leaf.summary;
     const days = (s.notAfter.getTime() - now.getTime()) / DAY_MS;
-    if (days >= EXPIRY_WARNING_DAYS) continue;
+    if (acme) {
+      const left = (s.notAfter.getTime() - now.getTime()) / (s.notAfter.getTime() - s.notBefore.getTime());
+      if (left >= (1 - acme.renewAt) / 2) continue;
+    } else if (days >= EXPIRY_WARNING_DAYS) continue;
     notices.push({
       event: "cert_expiring",
       subject: s.subject,

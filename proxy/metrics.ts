@@ -29,6 +29,30 @@ export interface CertGaugeSource {
   certificates(): Array<{ cert: "server" | "client" | "ca"; subject: string; notAfter: Date }>;
   /** The CRLs in use and when each must be replaced. */
   crls(): Array<{ issuer: string; nextUpdate: Date | null }>;
+  /** The ACME manager's counts and schedule; null without the acme section (no series then). */
+  acme?(): AcmeSample | null;
+  /** The CRL fetcher's counts per URL; null without tls.crlUrl. */
+  crlFetch?(): CrlFetchSample[] | null;
+}
+
+export interface AcmeSample {
+  directory: string;
+  orders: { ok: number; failed: number };
+  consecutiveFailures: number;
+  /** Unix seconds; null until the first success (since start or in the state file). */
+  lastSuccess: number | null;
+  nextRenewal: number | null;
+  /** (notAfter − now) / (notAfter − notBefore) of the certificate on disk. */
+  certificate: { notBefore: number; notAfter: number } | null;
+  challenges: Array<{ type: string; result: string; count: number }>;
+}
+
+export interface CrlFetchSample {
+  url: string;
+  ok: number;
+  failed: number;
+  /** Unix seconds of the last successful fetch (the fetcher's start until one succeeds). */
+  lastSuccess: number;
 }
 
 const DAY_MS = 86_400_000;
@@ -169,6 +193,7 @@ export class Metrics {
         }
       },
     });
+    this.registerAcme(certSource, registers);
     // Every direction shows up at 0 rather than being absent until the first event.
     for (const direction of ["inbound", "outbound"] as const) {
       for (const protocol of ["http1", "h2"] as const) this.openConnections.set({ direction, protocol }, 0);
@@ -176,6 +201,106 @@ export class Metrics {
       for (const result of ["ok", "failed"]) this.handshakes.inc({ direction, result }, 0);
     }
     for (const result of ["ok", "failed"]) this.certReloads.inc({ result }, 0);
+  }
+
+  /**
+   * ACME and CRL-fetch series, computed at scrape time from the manager and the fetcher. They are
+   * labelled (directory, url), so that a sidecar without ACME or crlUrl has none rather than zeros
+   * an alert would read as "never succeeded".
+   */
+  private registerAcme(source: CertGaugeSource, registers: Registry[]): void {
+    const acme = () => source.acme?.() ?? null;
+    const crl = () => source.crlFetch?.() ?? [];
+    new Counter({
+      name: "mtls_acme_orders_total",
+      help: "ACME certificate orders, by directory and result (ok/failed).",
+      labelNames: ["directory", "result"],
+      registers,
+      collect() {
+        this.reset();
+        const a = acme();
+        if (!a) return;
+        this.inc({ directory: a.directory, result: "ok" }, a.orders.ok);
+        this.inc({ directory: a.directory, result: "failed" }, a.orders.failed);
+      },
+    });
+    const gauge = (name: string, help: string, value: (a: AcmeSample) => number | null) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ["directory"],
+        registers,
+        collect() {
+          this.reset();
+          const a = acme();
+          const v = a && value(a);
+          if (a && v !== null) this.set({ directory: a.directory }, v);
+        },
+      });
+    gauge(
+      "mtls_acme_consecutive_failures",
+      "ACME orders that failed since the last success; 0 when the last one succeeded.",
+      (a) => a.consecutiveFailures,
+    );
+    gauge(
+      "mtls_acme_last_success_timestamp_seconds",
+      "When the last ACME order succeeded (Unix seconds).",
+      (a) => a.lastSuccess,
+    );
+    gauge(
+      "mtls_acme_next_renewal_timestamp_seconds",
+      "When the certificate is due for renewal (Unix seconds): acme.renewAt of its lifetime, jittered earlier.",
+      (a) => a.nextRenewal,
+    );
+    // Labelled like mtls_cert_expiry_days (cert="server" and "client": one certificate serves
+    // both with ACME), so that the expiry alerts can leave healthy ACME certificates alone.
+    new Gauge({
+      name: "mtls_acme_cert_lifetime_remaining_ratio",
+      help: "Share of the ACME certificate's lifetime still ahead (1 when issued, 0 at expiry); renewal is due at 1 - acme.renewAt.",
+      labelNames: ["directory", "cert"],
+      registers,
+      collect() {
+        this.reset();
+        const a = acme();
+        if (!a?.certificate) return;
+        const { notBefore, notAfter } = a.certificate;
+        const ratio = (notAfter - Date.now() / 1000) / (notAfter - notBefore);
+        for (const cert of ["server", "client"]) this.set({ directory: a.directory, cert }, ratio);
+      },
+    });
+    new Counter({
+      name: "mtls_acme_challenges_total",
+      help: "ACME challenges the sidecar was asked to answer, by type (tls-alpn-01/http-01) and result (answered/unknown).",
+      labelNames: ["type", "result"],
+      registers,
+      collect() {
+        this.reset();
+        for (const c of acme()?.challenges ?? []) this.inc({ type: c.type, result: c.result }, c.count);
+      },
+    });
+    new Counter({
+      name: "mtls_crl_fetch_total",
+      help: "CRL fetches from tls.crlUrl and the CRL distribution points, by URL and result (ok/failed).",
+      labelNames: ["url", "result"],
+      registers,
+      collect() {
+        this.reset();
+        for (const c of crl()) {
+          this.inc({ url: c.url, result: "ok" }, c.ok);
+          this.inc({ url: c.url, result: "failed" }, c.failed);
+        }
+      },
+    });
+    new Gauge({
+      name: "mtls_crl_last_fetch_timestamp_seconds",
+      help: "When a CRL was last fetched and validated from this URL (Unix seconds; the fetcher's start until then).",
+      labelNames: ["url"],
+      registers,
+      collect() {
+        this.reset();
+        for (const c of crl()) this.set({ url: c.url }, c.lastSuccess);
+      },
+    });
   }
 
   handshakeOk(direction: Direction, seconds: number): void {

@@ -7,7 +7,10 @@ import type { AddressInfo } from "node:net";
 import { hostname } from "node:os";
 import type { DestinationStream } from "pino";
 import { type Config, isLoopback } from "../config/schema.js";
+import { AcmeManager, type AcmeOptions } from "./acme.js";
+import { ChallengeResponder } from "./acme-challenge.js";
 import { createAdminServer } from "./admin.js";
+import { CrlFetcher } from "./crl-fetch.js";
 import { Edges } from "./edges.js";
 import { type Identity, IdentityError, identityNotices, loadIdentity } from "./identity.js";
 import { IdentityStore } from "./identity-store.js";
@@ -29,6 +32,15 @@ export interface SidecarOptions {
   watch?: boolean;
   /** Use listening sockets handed over by systemd (LISTEN_FDS), default true. */
   inheritSockets?: boolean;
+  /** The ACME manager's clock and jitter (tests). */
+  acme?: AcmeOptions;
+}
+
+/** What keeps the identity files fresh: the ACME manager (tls.cert, tls.key) and the CRL fetcher (tls.crl). */
+interface Suppliers {
+  acme: AcmeManager | null;
+  responder: ChallengeResponder | null;
+  crl: CrlFetcher | null;
 }
 
 export interface Listening {
@@ -54,13 +66,23 @@ export class Sidecar {
   private expiryTimer: NodeJS.Timeout | null = null;
   private readonly startedAt = new Date();
 
+  /** The ACME manager, with the acme section. */
+  readonly acme: AcmeManager | null;
+  /** The CRL fetcher, with tls.crlUrl. */
+  readonly crlFetcher: CrlFetcher | null;
+  private readonly responder: ChallengeResponder | null;
+
   private constructor(
     readonly config: Config,
     identity: Identity,
     logger: Logger,
     private readonly options: SidecarOptions,
+    suppliers: Suppliers,
   ) {
     this.logger = logger;
+    this.acme = suppliers.acme;
+    this.crlFetcher = suppliers.crl;
+    this.responder = suppliers.responder;
     this.identity = new IdentityStore(
       identity,
       config.tls,
@@ -80,6 +102,30 @@ export class Sidecar {
         },
         crls: () =>
           (this.identity.current.crl?.lists ?? []).map((l) => ({ issuer: l.issuer, nextUpdate: l.nextUpdate })),
+        acme: () => {
+          const { acme, responder } = this;
+          if (!acme || !responder) return null;
+          const s = acme.status;
+          const seconds = (iso: string | null | undefined) => (iso ? Date.parse(iso) / 1000 : null);
+          return {
+            directory: s.directory,
+            orders: acme.counts,
+            consecutiveFailures: s.consecutive_failures,
+            lastSuccess: seconds(s.last_success),
+            nextRenewal: seconds(s.next_renewal),
+            certificate: s.certificate
+              ? {
+                  notBefore: Date.parse(s.certificate.not_before) / 1000,
+                  notAfter: Date.parse(s.certificate.not_after) / 1000,
+                }
+              : null,
+            challenges: [...responder.counts].map(([key, count]) => {
+              const [type = "", result = ""] = key.split("|");
+              return { type, result, count };
+            }),
+          };
+        },
+        crlFetch: () => this.crlFetcher?.samples() ?? null,
       },
       { processMetrics: options.processMetrics ?? true },
     );
@@ -121,15 +167,38 @@ export class Sidecar {
         level: config.log.level,
         ...(options.logDestination ? { destination: options.logDestination } : {}),
       });
-    const identity = await loadIdentity(config.tls, { dnsName: config.service.dnsName });
-    assertUsable(identity, config.tls);
-    return new Sidecar(config, identity, logger, options);
+    const responder = config.acme ? new ChallengeResponder(logger, config.limits) : null;
+    const acme = responder ? new AcmeManager(config, logger, responder, options.acme) : null;
+    const crl = config.tls.crlUrl.length > 0 ? new CrlFetcher(config, logger) : null;
+    try {
+      // A wrong directory URL or CA bundle stops the start here (exit 2); a CA that is down does not.
+      const down = await acme?.verifyDirectory();
+      if (down) logger.warn({ event: "acme_directory_unreachable", reason: down });
+      // CRLs first: the first certificate is validated against them before it is written.
+      await crl?.fetchOnce();
+      if (config.acme?.http01Listen) await responder?.listenHttp01(config.acme.http01Listen);
+      // No usable certificate yet (first start, or expired): order one before anything listens.
+      await acme?.ensureCertificate();
+      const identity = await loadIdentity(config.tls, { dnsName: config.service.dnsName });
+      assertUsable(identity, config.tls);
+      return new Sidecar(config, identity, logger, options, { acme, responder, crl });
+    } catch (err) {
+      await Promise.allSettled([acme?.stop(), crl?.stop(), responder?.close()]);
+      throw err;
+    }
   }
 
   async start(): Promise<Listening> {
     const { config, logger } = this;
     this.state = "starting";
-    const deps = { config, identity: this.identity.current, metrics: this.metrics, logger, edges: this.edges };
+    const deps = {
+      config,
+      identity: this.identity.current,
+      metrics: this.metrics,
+      logger,
+      edges: this.edges,
+      acme: config.acme?.challenge === "tls-alpn-01" ? this.responder : null,
+    };
     const sockets = this.options.inheritSockets === false ? new Map() : inheritedSockets();
     this.reportIdentity(this.identity.current);
     if (config.inbound.enabled) {
@@ -194,6 +263,9 @@ export class Sidecar {
       }
     }
     if (this.options.watch ?? true) await this.identity.watch();
+    // Renewals and CRL refreshes only write files; the watcher above takes them into use.
+    this.acme?.start();
+    this.crlFetcher?.start();
     // Ready from here: identity loaded, data listeners up. The admin listener comes last so that
     // its "listening" line means /readyz already answers 200.
     this.state = "running";
@@ -226,7 +298,7 @@ export class Sidecar {
   /** Warnings that do not stop the sidecar: key permissions, expiry within 30 days, CRL freshness. */
   private reportIdentity(identity: Identity): void {
     for (const warning of identity.warnings) this.logger.warn({ event: "identity_warning", message: warning });
-    for (const notice of identityNotices(identity)) {
+    for (const notice of identityNotices(identity, new Date(), this.config.acme ?? undefined)) {
       if (notice.event === "cert_expiring") {
         this.logger.warn({
           event: notice.event,
@@ -307,6 +379,8 @@ export class Sidecar {
         tcp: this.tcp?.status() ?? { inbound: [], outbound: [] },
       },
       open_connections: { inbound: this.inbound?.openConnections ?? 0, tcp_tunnels: this.tcp?.openTunnels ?? 0 },
+      ...(this.acme ? { acme: this.acme.status } : {}),
+      ...(this.crlFetcher ? { crl_fetch: this.crlFetcher.status } : {}),
     };
   }
 
@@ -329,6 +403,8 @@ export class Sidecar {
     if (this.state === "stopped") return;
     this.state = "stopped";
     if (this.expiryTimer) clearInterval(this.expiryTimer);
+    await Promise.all([this.acme?.stop(), this.crlFetcher?.stop()]);
+    await this.responder?.close();
     await this.identity.close();
     await Promise.all([this.inbound?.close(), this.outbound?.close(), this.tcp?.close()]);
     if (this.admin) {

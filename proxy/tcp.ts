@@ -10,7 +10,7 @@
 import net, { type AddressInfo, type Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { type Config, parseHostPort } from "../config/schema.js";
-import { mtlsConnector, type Upstream } from "./connector.js";
+import { PeerConnector, type Upstream } from "./connector.js";
 import type { Edges } from "./edges.js";
 import { type Identity, isRevoked } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
@@ -21,6 +21,7 @@ import { clientSecureContext, failureReason, isTlsFailure, PeerRefusedError, typ
 import { type Accepted, TlsListener } from "./tls-listener.js";
 
 type InboundSpec = Config["tcp"]["inbound"][number];
+const NO_ALPN: readonly string[] = [];
 type OutboundSpec = Config["tcp"]["outbound"][number];
 
 export interface TcpDeps {
@@ -138,8 +139,8 @@ interface OutboundListener {
   server: net.Server;
   tunnels: TunnelSet;
   upstream: Upstream;
-  /** Opens one verified connection with the current identity; replaced when the identity changes. */
-  connect: ReturnType<typeof mtlsConnector>;
+  /** Opens verified connections with the current identity; replaced when the identity changes. */
+  connector: PeerConnector;
   address: AddressInfo | null;
 }
 
@@ -192,9 +193,9 @@ export class TcpListeners {
         server: net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (app) =>
           this.onOutbound(entry, app),
         ),
-        connect: undefined as unknown as ReturnType<typeof mtlsConnector>,
+        connector: undefined as unknown as PeerConnector,
       };
-      entry.connect = this.connector(entry, context as NonNullable<typeof context>);
+      entry.connector = this.connector(entry, context as NonNullable<typeof context>);
       entry.server.maxConnections = config.limits.maxConnections;
       entry.server.on("error", (err) => deps.logger.error({ event: "listener_error", listener: spec.name, err }));
       this.outbound.push(entry);
@@ -226,10 +227,12 @@ export class TcpListeners {
     // Errors before the splice (a reset while the target connects) must not go unhandled.
     socket.on("error", () => undefined);
     const name = l.spec.name;
+    const started = performance.now();
     if (state.kind !== "verified" || !matches(l.allow, state.peer.names)) {
       // Refused before a connection to the target is even attempted: the server sees nothing.
       const identity = state.kind === "verified" ? state.peer.primary : "unauthenticated";
       metrics.authzDenied.inc({ identity, route: name });
+      metrics.recorder("inbound", identity).record("tcp", 403, 0);
       logger.info({
         event: "authz_denied",
         direction: "inbound",
@@ -243,6 +246,9 @@ export class TcpListeners {
       return;
     }
     const peer = state.peer;
+    // A tunnel counts once in the request series, when it is made (as a CONNECT tunnel does).
+    const recorder = metrics.recorder("inbound", peer.primary);
+    const record = (code: number) => recorder.record("tcp", code, (performance.now() - started) / 1000);
     socket.allowHalfOpen = true; // read dynamically by Node's streams: a FIN from the client ends one direction only
     socket.setKeepAlive(true, config.limits.tcpKeepAliveMs);
     this.deps.edges
@@ -267,6 +273,7 @@ export class TcpListeners {
     target.once("error", (err: NodeJS.ErrnoException) => {
       if (connected) return; // the splice handles it
       clearTimeout(timer);
+      record(err.code === "ETIMEDOUT" ? 504 : 502);
       logger.warn({
         event: "tcp_connect_failed",
         direction: "inbound",
@@ -289,34 +296,22 @@ export class TcpListeners {
         return;
       }
       target.setKeepAlive(true, config.limits.tcpKeepAliveMs);
+      record(200);
       this.open(l.tunnels, "inbound", name, { tls: socket, plain: target, peer, openedAt: performance.now() });
     });
   }
 
   private onOutbound(l: OutboundListener, app: Socket): void {
-    const { logger } = this.deps;
+    const { logger, metrics } = this.deps;
     app.on("error", () => undefined);
     const name = l.spec.name;
-    l.connect(
-      { hostname: l.upstream.host, host: l.upstream.host, protocol: "https:", port: String(l.upstream.port) },
-      (err, socket) => {
-        if (err || !socket) {
-          if (err && !isTlsFailure(err)) {
-            logger.warn({
-              event: "tcp_connect_failed",
-              direction: "outbound",
-              listener: name,
-              target: l.spec.target,
-              identity: l.upstream.identity,
-              reason: (err as NodeJS.ErrnoException).code ?? "other",
-              detail: err.message,
-            });
-          }
-          // A reset, not a clean close: the app must not take "no tunnel" for an empty answer.
-          app.resetAndDestroy();
-          return;
-        }
-        const tls = socket as TLSSocket;
+    const started = performance.now();
+    // The identity is the configuration's: one label per listener, made or not.
+    const record = (code: number) =>
+      metrics.recorder("outbound", l.upstream.identity).record("tcp", code, (performance.now() - started) / 1000);
+    // No ALPN: the bytes are the app's own protocol, nothing the peer's sidecar parses.
+    l.connector.connect(NO_ALPN).then(
+      (tls) => {
         const state = this.verified.get(tls);
         if (app.destroyed || !state) {
           tls.destroy();
@@ -324,8 +319,25 @@ export class TcpListeners {
         }
         tls.on("error", () => undefined);
         tls.allowHalfOpen = true;
+        record(200);
         this.open(l.tunnels, "outbound", name, { tls, plain: app, peer: state.peer, openedAt: performance.now() });
         app.resume();
+      },
+      (err: Error) => {
+        record((err as NodeJS.ErrnoException).code === "UND_ERR_CONNECT_TIMEOUT" ? 504 : 502);
+        if (!isTlsFailure(err)) {
+          logger.warn({
+            event: "tcp_connect_failed",
+            direction: "outbound",
+            listener: name,
+            target: l.spec.target,
+            identity: l.upstream.identity,
+            reason: (err as NodeJS.ErrnoException).code ?? "other",
+            detail: err.message,
+          });
+        }
+        // A reset, not a clean close: the app must not take "no tunnel" for an empty answer.
+        app.resetAndDestroy();
       },
     );
   }
@@ -349,11 +361,11 @@ export class TcpListeners {
   }
 
   /** The connector of one tcp.outbound listener for the current identity, with its metrics and log lines. */
-  private connector(l: OutboundListener, context: ReturnType<typeof clientSecureContext>) {
+  private connector(l: OutboundListener, context: ReturnType<typeof clientSecureContext>): PeerConnector {
     const { metrics, logger, config, edges } = this.deps;
     const identity = this.identity;
     const { upstream, spec } = l;
-    return mtlsConnector(
+    return new PeerConnector(
       upstream,
       context,
       identity.ca.certs,
@@ -383,7 +395,7 @@ export class TcpListeners {
             direction: "outbound",
             remote_addr: `${upstream.host}:${upstream.port}`,
             resumed: state.resumed,
-            ...(socket.alpnProtocol ? { alpn: socket.alpnProtocol } : {}),
+            alpn: socket.alpnProtocol || null,
             listener: spec.name,
           });
         },
@@ -419,7 +431,7 @@ export class TcpListeners {
     if (this.outbound.length === 0) return;
     const context = clientSecureContext(change.next, this.deps.config.tls);
     for (const l of this.outbound) {
-      l.connect = this.connector(l, context);
+      l.connector = this.connector(l, context);
       if (!change.trustChanged) continue;
       for (const t of l.tunnels.open) {
         if (!isRevoked(change.next, t.peer.serial)) continue;

@@ -7,6 +7,7 @@ import type { AddressInfo, Socket } from "node:net";
 import tls, { type TLSSocket } from "node:tls";
 import type { Config } from "../config/schema.js";
 import { Acceptor } from "./acceptor.js";
+import { ChallengeResponder } from "./acme-challenge.js";
 import { type Identity, isRevoked } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
@@ -27,6 +28,12 @@ export interface TlsListenerOptions {
   verifyClient: boolean;
   /** What a connection carries, for mtls_open_connections: by its ALPN, or always tcp. */
   protocol(socket: TLSSocket): ConnectionProtocol;
+  /** ALPN protocols offered, in order of preference (none: no ALPN). */
+  alpn?: string[];
+  /** Closes a connection whose peer is no longer trusted (default: destroy the socket). */
+  close?(socket: TLSSocket): void;
+  /** With ACME's tls-alpn-01: connections offering ALPN acme-tls/1 go there instead of the mTLS server. */
+  acme?: ChallengeResponder | null;
   /** A connection that passed the handshake; the listener has registered it and will close it on revocation. */
   onConnection(socket: TLSSocket, state: Accepted): void;
 }
@@ -36,10 +43,14 @@ export class TlsListener {
   private readonly tlsServer: tls.Server;
   private readonly connections = new Map<TLSSocket, Accepted>();
   private identity: Identity;
+  /** When trust (CA bundle or CRL) last changed, and the identity before: see untrusted(). */
+  private trustChangedAt = Number.NEGATIVE_INFINITY;
+  private previousTrust: Identity;
 
   constructor(private readonly options: TlsListenerOptions) {
     const { config, metrics, logger, name } = options;
     this.identity = options.identity;
+    this.previousTrust = options.identity;
     this.tlsServer = tls.createServer({
       ...serverTlsOptions(this.identity, config.tls),
       // Every client is asked for a certificate; the decision is classifyInbound's, so that a
@@ -48,40 +59,52 @@ export class TlsListener {
       rejectUnauthorized: false,
       // The acceptor's deadline covers the whole handshake, from TCP accept (Node's would start later).
       ticketKeys: randomBytes(48),
+      ...(options.alpn ? { ALPNProtocols: options.alpn } : {}),
     } as tls.TlsOptions);
     this.tlsServer.on("secureConnection", (socket: TLSSocket) => this.onSecureConnection(socket));
     this.tlsServer.on("tlsClientError", (err: NodeJS.ErrnoException, socket: TLSSocket) =>
       this.onTlsError(err, socket),
     );
-    this.acceptor = new Acceptor(config.limits, {
-      handOver: (raw) => this.tlsServer.emit("connection", raw),
-      failed: (reason, source, detail) => {
-        metrics.handshakeFailed("inbound", reason);
-        logger.warn({
-          event: "mtls_handshake_failed",
-          direction: "inbound",
-          listener: name,
-          reason,
-          detail,
-          remote_addr: source,
-        });
+    const acme = options.acme ?? null;
+    this.acceptor = new Acceptor(
+      config.limits,
+      {
+        handOver: (raw, hello) => {
+          if (acme && ChallengeResponder.wants(hello)) {
+            this.acceptor.settled(raw); // not an mTLS handshake: neither counted nor timed as one
+            acme.handle(raw);
+          } else this.tlsServer.emit("connection", raw);
+        },
+        failed: (reason, source, detail) => {
+          metrics.handshakeFailed("inbound", reason);
+          logger.warn({
+            event: "mtls_handshake_failed",
+            direction: "inbound",
+            listener: name,
+            reason,
+            detail,
+            remote_addr: source,
+          });
+        },
+        // Closed without an answer: nothing but TLS is ever spoken on this port; the log says why.
+        notTls: (raw, http) => {
+          metrics.handshakeFailed("inbound", "not_tls");
+          logger.warn({
+            event: "mtls_handshake_failed",
+            direction: "inbound",
+            listener: name,
+            reason: "not_tls",
+            detail: http
+              ? "a plain HTTP request on the mTLS port: connect with https and a client certificate"
+              : "the first bytes are not a TLS record",
+            remote_addr: raw.remoteAddress ?? "unknown",
+          });
+          raw.destroy();
+        },
       },
-      // Closed without an answer: nothing but TLS is ever spoken on this port; the log says why.
-      notTls: (raw, http) => {
-        metrics.handshakeFailed("inbound", "not_tls");
-        logger.warn({
-          event: "mtls_handshake_failed",
-          direction: "inbound",
-          listener: name,
-          reason: "not_tls",
-          detail: http
-            ? "a plain HTTP request on the mTLS port: connect with https and a client certificate"
-            : "the first bytes are not a TLS record",
-          remote_addr: raw.remoteAddress ?? "unknown",
-        });
-        raw.destroy();
-      },
-    });
+      // Only with ACME does the listener need the whole ClientHello before the TLS server does.
+      { readHello: acme !== null },
+    );
     this.acceptor.server.on("error", (err) => logger.error({ event: "listener_error", listener: name, err }));
   }
 
@@ -121,6 +144,23 @@ export class TlsListener {
       socket.destroy();
       return;
     }
+    // A handshake that began before a CRL or CA change finished with the context of then: check it
+    // against the identity of now, so that it cannot slip past the closing of untrusted peers.
+    const untrusted = state.kind === "verified" ? this.untrusted(state) : null;
+    if (untrusted) {
+      metrics.handshakeFailed("inbound", untrusted === "revoked" ? "revoked" : "unknown_ca");
+      logger.warn({
+        event: "mtls_handshake_failed",
+        direction: "inbound",
+        listener: name,
+        reason: untrusted === "revoked" ? "revoked" : "unknown_ca",
+        detail: "the handshake began before the CRL or CA bundle changed; it no longer verifies",
+        client_cn: state.kind === "verified" ? state.peer.commonName : null,
+        remote_addr: remote,
+      });
+      socket.destroy();
+      return;
+    }
     metrics.handshakeOk("inbound", seconds ?? 0);
     this.connections.set(socket, state);
     metrics.trackConnection("inbound", this.options.protocol(socket), socket);
@@ -135,7 +175,7 @@ export class TlsListener {
       direction: "inbound",
       remote_addr: remote,
       resumed: state.resumed,
-      ...(socket.alpnProtocol ? { alpn: socket.alpnProtocol } : {}),
+      alpn: socket.alpnProtocol || null,
       ...(name !== "inbound" ? { listener: name } : {}),
       ...(state.kind === "unauthenticated" ? { unauthenticated: true } : {}),
     });
@@ -164,21 +204,36 @@ export class TlsListener {
     // plain certificate rotation does not force every client into a full handshake.
     options.ticketKeys = change.trustChanged ? randomBytes(48) : this.tlsServer.getTicketKeys();
     this.tlsServer.setSecureContext(options);
-    if (change.trustChanged) this.closeUntrusted(change.previous, change.next);
+    if (change.trustChanged) {
+      this.trustChangedAt = performance.now();
+      this.previousTrust = change.previous;
+      this.closeUntrusted(change.previous);
+    }
   }
 
-  private closeUntrusted(previous: Identity, next: Identity): void {
-    const trusted = new Set(next.ca.summaries.map((s) => s.sha256));
+  /**
+   * Why a verified peer is no longer trusted under the identity in use, or null: revoked by its
+   * CRL, or its CA (the one it chained to directly) gone from the bundle. Peers behind
+   * intermediates keep their connection.
+   */
+  private untrusted(
+    state: Extract<Accepted, { kind: "verified" }>,
+    previous?: Identity,
+  ): "revoked" | "ca_no_longer_trusted" | null {
+    if (isRevoked(this.identity, state.peer.serial)) return "revoked";
+    // Only a handshake that could have begun before the last trust change needs the chain check.
+    if (!previous && performance.now() - this.trustChangedAt > this.options.config.limits.handshakeTimeoutMs)
+      return null;
+    const trusted = new Set(this.identity.ca.summaries.map((s) => s.sha256));
+    const anchor = state.cert && chainToCa(state.cert, [], (previous ?? this.previousTrust).ca.certs);
+    return anchor && !trusted.has(sha256Of(anchor)) ? "ca_no_longer_trusted" : null;
+  }
+
+  private closeUntrusted(previous: Identity): void {
     for (const [socket, state] of this.connections) {
       if (state.kind !== "verified") continue;
-      const { peer, cert } = state;
-      let reason: "revoked" | "ca_no_longer_trusted" | null = null;
-      if (isRevoked(next, peer.serial)) reason = "revoked";
-      else {
-        // The CA the peer chained to directly; peers behind intermediates keep their connection.
-        const anchor = cert && chainToCa(cert, [], previous.ca.certs);
-        if (anchor && !trusted.has(sha256Of(anchor))) reason = "ca_no_longer_trusted";
-      }
+      const { peer } = state;
+      const reason = this.untrusted(state, previous);
       if (!reason) continue;
       if (reason === "revoked") this.options.metrics.revokedConnections.inc({ direction: "inbound" });
       this.options.logger.warn({
@@ -189,7 +244,8 @@ export class TlsListener {
         serial: peer.serial,
         remote_addr: socket.remoteAddress,
       });
-      socket.destroy();
+      if (this.options.close) this.options.close(socket);
+      else socket.destroy();
     }
   }
 

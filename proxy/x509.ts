@@ -293,3 +293,32 @@ export async function crlSigner(crl: Crl, bundle: readonly X509Certificate[]): P
   for (const ca of bundle) if (await crlSignedBy(crl, ca)) return ca;
   return null;
 }
+
+/**
+ * The http(s) URLs of a certificate's CRL distribution points (RFC 5280 §4.2.1.13), where its
+ * issuer publishes the CRL that covers it. LDAP and other schemes are left out.
+ */
+export async function crlDistributionPoints(cert: X509Certificate): Promise<string[]> {
+  const x509 = await peculiar();
+  const parsed = new x509.X509Certificate(new Uint8Array(cert.raw));
+  const extension = parsed.getExtension(x509.CRLDistributionPointsExtension);
+  const urls: string[] = [];
+  for (const point of extension?.distributionPoints ?? []) {
+    for (const name of point.distributionPoint?.fullName ?? []) {
+      const uri = name.uniformResourceIdentifier;
+      if (uri && /^https?:\/\//i.test(uri)) urls.push(uri);
+    }
+  }
+  return urls;
+}
+
+/**
+ * Whether OpenSSL takes a CRL signed by `ca`: a CA with a key usage extension must list cRLSign
+ * (RFC 5280 §4.2.1.3), or every CRL it signs fails (X509_V_ERR_KEYUSAGE_NO_CRL_SIGN), and with
+ * CRL checks on, so does every peer of that CA. Node does not expose the bits; @peculiar does.
+ */
+export async function allowsCrlSigning(ca: X509Certificate): Promise<boolean> {
+  const x509 = await peculiar();
+  const usage = new x509.X509Certificate(new Uint8Array(ca.raw)).getExtension(x509.KeyUsagesExtension);
+  return !usage || (usage.usages & x509.KeyUsageFlags.cRLSign) !== 0;
+}

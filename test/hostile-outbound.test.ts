@@ -72,24 +72,40 @@ t.test("the forward proxy reaches destinations only", async (t) => {
     },
     { input: "an https:// target", head: "GET https://auth.ashchan.local/ HTTP/1.1", status: 400, code: "bad_request" },
     {
-      input: "CONNECT to a mesh name",
+      input: "CONNECT to a mesh name (tunnels)",
       head: "CONNECT auth.ashchan.local:8443 HTTP/1.1",
-      status: 405,
-      code: "method_not_allowed",
+      status: 200,
+      code: "",
     },
     {
       input: "CONNECT to a host outside the mesh",
       head: "CONNECT example.com:443 HTTP/1.1",
-      status: 405,
-      code: "method_not_allowed",
+      status: 403,
+      code: "destination_not_allowed",
     },
-    { input: "CONNECT to an IP literal", head: `CONNECT ${trapAt} HTTP/1.1`, status: 405, code: "method_not_allowed" },
-    { input: "CONNECT to localhost", head: "CONNECT localhost:80 HTTP/1.1", status: 405, code: "method_not_allowed" },
+    {
+      input: "CONNECT to an IP literal",
+      head: `CONNECT ${trapAt} HTTP/1.1`,
+      status: 403,
+      code: "destination_not_allowed",
+    },
+    {
+      input: "CONNECT to localhost",
+      head: "CONNECT localhost:80 HTTP/1.1",
+      status: 403,
+      code: "destination_not_allowed",
+    },
     {
       input: "CONNECT to the admin port",
       head: `CONNECT 127.0.0.1:${adminPort} HTTP/1.1`,
-      status: 405,
-      code: "method_not_allowed",
+      status: 403,
+      code: "destination_not_allowed",
+    },
+    {
+      input: "CONNECT with credentials",
+      head: "CONNECT user:pw@auth.ashchan.local:8443 HTTP/1.1",
+      status: 400,
+      code: "bad_request",
     },
   ];
   for (const row of rows) {
@@ -98,7 +114,9 @@ t.test("the forward proxy reaches destinations only", async (t) => {
         .split(" ")[1]
         ?.replace(/^https?:\/\//, "")
         .split("/")[0] ?? "x";
-    const r = await tcpExchange(gw.outboundPort, `${row.head}\r\nHost: ${host}\r\nConnection: close\r\n\r\n`);
+    const r = await tcpExchange(gw.outboundPort, `${row.head}\r\nHost: ${host}\r\nConnection: close\r\n\r\n`, {
+      ms: 2_000, // a CONNECT tunnel stays open: its first line is all this row needs
+    });
     t.match(statusLine(r.data), new RegExp(`^HTTP/1\\.1 ${row.status} `), `${row.input}: ${row.status}`);
     if (row.code) t.match(r.data, new RegExp(`x-ashmesh-error: ${row.code}`), `${row.input}: ${row.code}`);
   }

@@ -28,8 +28,10 @@ t.test("alerts.yml names the seed's thresholds and what to do", async (t) => {
   const want: Record<string, RegExp> = {
     MtlsHandshakeFailuresHigh:
       /rate\(mtls_handshake_failures\[5m\]\)[\s\S]*\/[\s\S]*rate\(mtls_handshake_total\[5m\]\)[\s\S]*> 0\.01/,
-    MtlsCertExpiringSoon: /^mtls_cert_expiry_days < 30$/,
-    MtlsCertExpiryCritical: /^mtls_cert_expiry_days < 7$/,
+    MtlsCertExpiringSoon:
+      /^mtls_cert_expiry_days < 30 unless on \(job, instance, cert\) mtls_acme_cert_lifetime_remaining_ratio > 0\.15$/,
+    MtlsCertExpiryCritical:
+      /^mtls_cert_expiry_days < 7 unless on \(job, instance, cert\) mtls_acme_cert_lifetime_remaining_ratio > 0\.15$/,
     MtlsRevokedConnection: /^increase\(mtls_revoked_connections\[\d+m\]\) > 0$/,
     AshmeshSidecarRestarted: /^changes\(process_start_time_seconds\{job="ashmesh"\}\[\d+m\]\) > 0$/,
     AshmeshSidecarCrashLooping: /changes\(process_start_time_seconds/,
@@ -37,6 +39,9 @@ t.test("alerts.yml names the seed's thresholds and what to do", async (t) => {
     MtlsCertReloadFailed: /mtls_cert_reloads_total\{result="failed"\}/,
     MtlsCrlNextUpdateSoon: /^mtls_crl_next_update_days < /,
     MtlsCrlNextUpdateCritical: /^mtls_crl_next_update_days < /,
+    MtlsAcmeRenewalFailing: /^mtls_acme_consecutive_failures > 2$/,
+    MtlsAcmeCertNotRenewed: /^max without \(cert\) \(mtls_acme_cert_lifetime_remaining_ratio\) < 0\.1$/,
+    MtlsCrlFetchFailing: /^time\(\) - mtls_crl_last_fetch_timestamp_seconds > 3600$/,
   };
   for (const [name, expr] of Object.entries(want)) {
     const rule = byName.get(name);

@@ -16,13 +16,20 @@ import { ashmesh, portOf } from "./lib/spawn.js";
 
 const analyze = tool("systemd-analyze", "systemd");
 const DIR = at("compose/systemd");
-const UNITS = ["ashmesh@.service", "ashmesh@.socket", "ashmesh-renew.service", "ashmesh-renew.timer"];
+const UNITS = [
+  "ashmesh@.service",
+  "ashmesh@.socket",
+  "ashmesh-renew.service",
+  "ashmesh-renew.timer",
+  "ashmesh-acme@.service",
+];
 const BIN = "/usr/local/bin/ashmesh";
 const REFRESH = "/usr/local/libexec/ashmesh-refresh-sidecars";
 const text = (name: string) => readFileSync(join(DIR, name), "utf8");
 const sidecar: Unit = parseUnit(text("ashmesh@.service"));
 const renew: Unit = parseUnit(text("ashmesh-renew.service"));
 const timer: Unit = parseUnit(text("ashmesh-renew.timer"));
+const acmeSidecar: Unit = parseUnit(text("ashmesh-acme@.service"));
 const authEnv = parseEnvFile(text("auth.env"));
 
 type Tap = Test;
@@ -58,6 +65,7 @@ async function verify(dir: string): Promise<{ clean: boolean; output: string }> 
     join(dir, "ashmesh@auth.socket"),
     join(dir, "ashmesh-renew.service"),
     join(dir, "ashmesh-renew.timer"),
+    join(dir, "ashmesh-acme@auth.service"),
   ]);
   return { clean: result.code === 0 && result.output.trim() === "", output: result.output };
 }
@@ -118,22 +126,44 @@ const securitySkip =
     ? `systemd-analyze ${analyzeVersion} has no security --offline (250+): exposure not rated`
     : false);
 
-t.test("systemd-analyze security rates the sidecar unit's exposure at most 2.0", { skip: securitySkip }, async (t) => {
+t.test("systemd-analyze security rates the sidecar units' exposure at most 2.0", { skip: securitySkip }, async (t) => {
   const dir = copies(t);
-  // --threshold is in tenths: 20 = an exposure of 2.0 ("OK"); above it, exit code 1.
-  const result = await run(analyze.path as string, [
-    "security",
-    "--offline=yes",
-    "--threshold=20",
-    join(dir, "ashmesh@auth.service"),
-  ]);
-  const level = /Overall exposure level for \S+: ([\d.]+)/.exec(result.output)?.[1];
-  t.equal(result.code, 0, `exposure ${level} is at most 2.0`, {
-    output: result.output
-      .split("\n")
-      .filter((l) => l.includes("✗"))
-      .join("\n"),
-  });
+  for (const unit of ["ashmesh@auth.service", "ashmesh-acme@auth.service"]) {
+    // --threshold is in tenths: 20 = an exposure of 2.0 ("OK"); above it, exit code 1.
+    const result = await run(analyze.path as string, ["security", "--offline=yes", "--threshold=20", join(dir, unit)]);
+    const level = /Overall exposure level for \S+: ([\d.]+)/.exec(result.output)?.[1];
+    t.equal(result.code, 0, `${unit}: exposure ${level} is at most 2.0`, {
+      output: result.output
+        .split("\n")
+        .filter((l) => l.includes("✗"))
+        .join("\n"),
+    });
+  }
+});
+
+t.test("the ACME sidecar unit: the sidecar's unit, with a state directory instead of credentials", async (t) => {
+  const svc = (key: string) => unitValues(acmeSidecar, "Service", key);
+  t.same(svc("LoadCredential"), [], "no credentials: the sidecar writes its certificate itself");
+  t.same(svc("StateDirectory"), ["ashmesh/%i"], "a state directory per instance");
+  t.same(svc("StateDirectoryMode"), ["0700"]);
+  t.same(
+    svc("Environment"),
+    ["MTLS_CERT_FILE=%S/ashmesh/%i/server.crt MTLS_KEY_FILE=%S/ashmesh/%i/server.key"],
+    "certificate and key in the state directory",
+  );
+  // Everything else, hardening included, is the sidecar unit's.
+  const rest = (unit: Unit) =>
+    Object.fromEntries(
+      [...(unit.get("Service") ?? new Map<string, string[]>())].filter(
+        ([key]) => !["LoadCredential", "StateDirectory", "StateDirectoryMode", "Environment"].includes(key),
+      ),
+    );
+  t.same(rest(acmeSidecar), rest(sidecar), "the same [Service] otherwise");
+  t.match(
+    text("ashmesh-acme@.service"),
+    /ashmesh-renew\.timer is not needed/,
+    "it says the renewal timer is not needed",
+  );
 });
 
 t.test("the sidecar unit: hardening, signals, timeouts, credentials", async (t) => {

@@ -66,19 +66,63 @@ t.test("only destinations are reached; others get 403 and no connection", async 
   t.equal(gw.logs.events("destination_denied").length, 4);
 });
 
-t.test("CONNECT and https:// targets are refused with a reason", async (t) => {
+t.test("CONNECT tunnels to destinations only; https:// targets are refused with a reason", async (t) => {
   const p = await pki(t);
-  const gw = await sidecar(t, p, "gateway.ashchan.local", { inbound: { enabled: false } });
-  const reply = await new Promise<string>((resolve) => {
-    const s = net.connect(gw.outboundPort, "127.0.0.1", () =>
-      s.write("CONNECT auth.ashchan.local:8443 HTTP/1.1\r\nhost: auth.ashchan.local:8443\r\n\r\n"),
-    );
-    let data = "";
-    s.on("data", (d) => (data += d));
-    s.on("close", () => resolve(data));
+  const backend = await app(t);
+  const auth = await sidecar(t, p, "auth.ashchan.local", {
+    inbound: { app: backend.url },
+    outbound: { enabled: false },
   });
-  t.match(reply, /^HTTP\/1\.1 405 /);
-  t.match(reply, /CONNECT is not supported/);
+  let trapped = 0;
+  const trap = net.createServer((s) => {
+    trapped++;
+    s.destroy();
+  });
+  await new Promise<void>((r) => trap.listen(0, "127.0.0.1", r));
+  t.teardown(() => trap.close());
+  const trapAt = `127.0.0.1:${(trap.address() as net.AddressInfo).port}`;
+  const gw = await sidecar(t, p, "gateway.ashchan.local", {
+    inbound: { enabled: false },
+    outbound: {
+      destinations: ["auth.ashchan.local"],
+      resolve: { "auth.ashchan.local": `127.0.0.1:${auth.inboundPort}`, "example.com": trapAt, localhost: trapAt },
+    },
+  });
+  const connect = (target: string, then = "") =>
+    new Promise<string>((resolve) => {
+      const s = net.connect(gw.outboundPort, "127.0.0.1", () =>
+        s.write(`CONNECT ${target} HTTP/1.1\r\nhost: ${target}\r\n\r\n${then}`),
+      );
+      let data = "";
+      s.on("data", (d) => {
+        data += d;
+        if (then && /\r\n\r\n[\s\S]*\r\n\r\n/.test(data)) s.end();
+      });
+      s.on("close", () => resolve(data));
+    });
+  // A mesh name: the tunnel reaches auth's inbound over mTLS, and HTTP/1.1 inside it reaches the app.
+  const tunnelled = await connect(
+    "auth.ashchan.local:9502",
+    "GET /in-tunnel HTTP/1.1\r\nhost: auth\r\nconnection: close\r\n\r\n",
+  );
+  t.match(tunnelled, /^HTTP\/1\.1 200 Connection Established\r\n\r\nHTTP\/1\.1 200 /);
+  t.same(
+    backend.seen.map((r) => r.url),
+    ["/in-tunnel"],
+    "the request inside the tunnel reached auth's app",
+  );
+  t.match(
+    backend.seen[0]?.headers["x-forwarded-client-cert"],
+    /DNS=gateway\.ashchan\.local/,
+    "as gateway, verified by auth",
+  );
+  const adminPort = new URL(gw.adminUrl).port;
+  for (const target of ["example.com:443", trapAt, "localhost:80", `127.0.0.1:${adminPort}`]) {
+    const reply = await connect(target);
+    t.match(reply, /^HTTP\/1\.1 403 /, `CONNECT ${target}: 403`);
+    t.match(reply, /x-ashmesh-error: destination_not_allowed/);
+  }
+  t.equal(trapped, 0, "no refused CONNECT opened a connection");
   const https = await viaProxy(gw.outboundPort, "https://auth.ashchan.local/");
   t.equal(https.status, 400);
   t.match(https.body, /call the service over http:\/\//);

@@ -77,6 +77,22 @@ t.test("Redis over a tcp.outbound → tcp.inbound pair", { skip: redisSkip }, as
     t.equal(bytes(r, "inbound", "in") - bytes(r0, "inbound", "in"), sent, "redis's sidecar: the commands");
     t.equal(bytes(r, "inbound", "out") - bytes(r0, "inbound", "out"), replies, "redis's sidecar: the replies");
     t.ok((await redisInfo(redis.port, "connected_clients")) >= 2, "the tunnel is a client of redis-server");
+    // Each tunnel counts once as a request when it is made: the two redis-cli runs, then this one.
+    for (const [text, direction, peer] of [
+      [b, "outbound", "redis.ashchan.local"],
+      [r, "inbound", "boards.ashchan.local"],
+    ] as const) {
+      t.equal(
+        sample(text, "mtls_requests_total", { direction, peer, code: "200", protocol: "tcp" }),
+        sample(direction === "outbound" ? b0 : r0, "mtls_requests_total", {
+          direction,
+          peer,
+          code: "200",
+          protocol: "tcp",
+        }) + 1,
+        `${direction}: one more tunnel in mtls_requests_total{protocol="tcp"}`,
+      );
+    }
 
     const edgesOf = async (s: RunningSidecar) =>
       (await (await request(`${s.adminUrl}/edges`)).body.json()) as Array<Record<string, unknown>>;

@@ -84,6 +84,16 @@ t.test("refused peers never reach the target", async (t) => {
   t.equal(sample(metrics, "mtls_handshake_failures", { direction: "inbound", reason: "not_tls" }), 1, "not_tls");
   t.equal(sample(metrics, "mtls_authz_denied_total", { identity: "search.ashchan.local", route: "kv" }), 1);
   t.equal(sample(metrics, "mtls_authz_denied_total", { identity: "boards.ashchan.local", route: "closed" }), 1);
+  t.equal(
+    sample(metrics, "mtls_requests_total", {
+      direction: "inbound",
+      peer: "search.ashchan.local",
+      code: "403",
+      protocol: "tcp",
+    }),
+    1,
+    "the refused tunnel counts as a 403 in the request series",
+  );
   t.match(
     side.logs.events("authz_denied"),
     [

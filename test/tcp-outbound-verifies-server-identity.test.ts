@@ -114,6 +114,15 @@ t.test("a tcp.outbound accepts only the expected server", async (t) => {
     "a refused TCP connection is not a failed handshake",
   );
   t.equal(sample(metrics, "mtls_handshake_total", { direction: "outbound", result: "ok" }), 2);
+  const tunnels = (code: string, peer: string) =>
+    sample(metrics, "mtls_requests_total", { direction: "outbound", peer, code, protocol: "tcp" });
+  t.equal(tunnels("200", "auth.ashchan.local"), 2, "two tunnels made (right, pinned)");
+  t.equal(
+    tunnels("502", "auth.ashchan.local"),
+    3,
+    "three not made to auth.ashchan.local (foreign CA, wrong pin, nobody home)",
+  );
+  t.equal(tunnels("502", "moderation.ashchan.local"), 1, "and one to moderation.ashchan.local (wrong name)");
   // The impostor's target saw nothing: boards refused it and sent no byte of the app's.
   t.notOk(
     impostor.logs.events("tcp_tunnel_closed").some((l) => Number(l.bytes_in) > 0),

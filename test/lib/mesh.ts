@@ -3,7 +3,7 @@
 // certificates from our own CA. Nothing here is mocked.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
-import type { AddressInfo } from "node:net";
+import net, { type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
@@ -180,17 +180,21 @@ export async function sidecar(
   };
 }
 
-/** The value of one sample in Prometheus text, 0 when absent. */
+/**
+ * The value of a sample in Prometheus text, 0 when absent; the sum of every series that carries
+ * `labels` (so {direction: "outbound"} counts connections of every protocol).
+ */
 export function sample(text: string, name: string, labels: Record<string, string> = {}): number {
+  let sum = 0;
   for (const line of text.split("\n")) {
     if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
     const match = /^([^{\s]+)(?:\{(.*)\})?\s+(\S+)$/.exec(line);
     if (!match || match[1] !== name) continue;
     const found: Record<string, string> = {};
     for (const m of (match[2] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) found[m[1] as string] = m[2] as string;
-    if (Object.entries(labels).every(([k, v]) => found[k] === v)) return Number(match[3]);
+    if (Object.entries(labels).every(([k, v]) => found[k] === v)) sum += Number(match[3]);
   }
-  return 0;
+  return sum;
 }
 
 /** An undici Agent presenting NAME's certificate (or none) and trusting the dev CA. */
@@ -266,6 +270,27 @@ export function viaProxy(
     req.on("error", reject);
     req.end(options.body);
   });
+}
+
+const handedOut = new Set<number>();
+
+/**
+ * A TCP port on 127.0.0.1 that was free a moment ago: for servers that cannot listen on port 0.
+ * Never the same port twice in one process: the kernel may offer a port it just gave, and a test
+ * that asks for four (Pebble's) must get four.
+ */
+export async function freePort(host = "127.0.0.1"): Promise<number> {
+  for (let i = 0; i < 50; i++) {
+    const server = net.createServer();
+    await new Promise<void>((resolve) => server.listen(0, host, resolve));
+    const { port } = server.address() as AddressInfo;
+    await new Promise((resolve) => server.close(resolve));
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+  throw new Error("no fresh free port in 50 tries");
 }
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));

@@ -2,7 +2,6 @@
 // project's own scripts, drive podman-compose with compose/podman-compose.yml, and probe the
 // containers' network from a container of its own (what a workload on the mesh network sees).
 import { mkdirSync, rmSync, statSync } from "node:fs";
-import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { at, type RunResult, run, tool } from "./ops.js";
@@ -172,11 +171,4 @@ export async function probe(network: string, steps: ProbeStep[]): Promise<ProbeR
 export const request = (method: string, host: string, path: string) =>
   `${method} ${path} HTTP/1.1\r\nhost: ${host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n`;
 
-/** A TCP port on 127.0.0.1 that was free a moment ago: for ports Podman publishes on the host. */
-export async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
+export { freePort } from "./mesh.js";

@@ -13,8 +13,25 @@ export interface Running {
   waitFor(predicate: (line: Record<string, unknown>) => boolean, ms?: number): Promise<Record<string, unknown>>;
 }
 
-export function ashmesh(args: string[], options: { env?: Record<string, string>; cwd?: string } = {}): Running {
-  const child = spawn(process.execPath, ["--import", "tsx", "bin/ashmesh.ts", ...args], {
+export interface SpawnOptions {
+  env?: Record<string, string>;
+  cwd?: string;
+  /** A command that runs it, e.g. ["ip", "netns", "exec", "ns1"]. */
+  prefix?: string[];
+  /** Another TypeScript entry point than bin/ashmesh.ts (compose/standin.ts). */
+  script?: string;
+}
+
+export function ashmesh(args: string[], options: SpawnOptions = {}): Running {
+  const command = [
+    ...(options.prefix ?? []),
+    process.execPath,
+    "--import",
+    "tsx",
+    options.script ?? "bin/ashmesh.ts",
+    ...args,
+  ];
+  const child = spawn(command[0] as string, command.slice(1), {
     env: { ...process.env, ...options.env },
     cwd: options.cwd ?? process.cwd(),
     stdio: ["ignore", "pipe", "pipe"],
