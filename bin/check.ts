@@ -3,21 +3,24 @@
 //   --config FILE   one sidecar's configuration and files
 //   --mesh FILE     every edge of a running mesh, over the network, with the dev CA's certificates
 import { readFileSync } from "node:fs";
+import net from "node:net";
 import tls from "node:tls";
 import { DEFAULT_PKI_DIR, DevCa } from "../certs-dev/store.js";
 import { ConfigError, loadConfig } from "../config/load.js";
 import { edges, loadMesh, type Mesh, type MeshService } from "../config/mesh.js";
-import type { Config } from "../config/schema.js";
+import { type Config, parseHostPort } from "../config/schema.js";
 import { AcmeManager } from "../proxy/acme.js";
 import { ChallengeResponder } from "../proxy/acme-challenge.js";
-import { identityNotices, validateIdentity } from "../proxy/identity.js";
+import { PeerConnector } from "../proxy/connector.js";
+import { type Identity, identityNotices, validateIdentity } from "../proxy/identity.js";
 import { createLogger } from "../proxy/log.js";
-import { assertUsable } from "../proxy/tls.js";
+import { assertUsable, clientSecureContext, type Verified } from "../proxy/tls.js";
 import { subjectAltNames } from "../proxy/x509.js";
 import { parse, UsageError } from "./args.js";
 import { defaultMeshFile } from "./local-mesh.js";
 
-const HELP = `ashmesh check --config FILE              check one sidecar's configuration and files (and ACME state)
+const HELP = `ashmesh check --config FILE [--timeout MS]
+                                          check one sidecar's configuration and files (and ACME state)
 ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
                                           check every edge of a running mesh
 
@@ -25,7 +28,11 @@ ashmesh check --mesh FILE [--dir DIR] [--addresses local|dns] [--timeout MS]
 in DIR, default ${DEFAULT_PKI_DIR}), checks the server's identity, that the caller is allowed, that a
 service that is not a caller is refused, and that a client without a certificate is refused.
 --addresses local (default) uses the mesh file's loopback addresses (\`ashmesh up\`); dns uses
-the services' DNS names (inside the Podman network).`;
+the services' DNS names (inside the Podman network).
+
+--config also checks each TCP listener: a tcp.inbound's target accepts TCP connections; a
+tcp.outbound's target completes mTLS with this sidecar's client certificate and proves the
+configured identity (that opens, and closes at once, one tunnel to the peer's server).`;
 
 interface Line {
   ok: boolean;
@@ -61,7 +68,7 @@ class Report {
 
 const DAY_MS = 86_400_000;
 
-async function checkConfig(file: string, report: Report): Promise<void> {
+async function checkConfig(file: string, report: Report, timeoutMs: number): Promise<void> {
   report.section("configuration");
   let config: Config;
   try {
@@ -85,6 +92,21 @@ async function checkConfig(file: string, report: Report): Promise<void> {
   if (config.inbound.allow === undefined)
     report.fail("inbound.allow is not set: any identity the mesh CA signed may call", "list the callers (MTLS_ALLOW)");
   else report.ok(`allow-list: ${config.inbound.allow.join(", ") || "nobody"}`);
+  for (const l of config.tcp.inbound) {
+    const listen = `${l.listen.host}:${l.listen.port}`;
+    report.ok(`tcp.inbound ${l.name}: mTLS on ${listen} → ${l.target} (loopback)`);
+    if (l.allow.includes("*"))
+      report.fail(
+        `tcp.inbound ${l.name}: allow has "*": any identity the mesh CA signed reaches ${l.target}`,
+        "list the clients: a TCP server behind the tunnel gets no per-request check from the sidecar",
+      );
+    else report.ok(`tcp.inbound ${l.name}: allow-list: ${l.allow.join(", ") || "nobody"}`);
+  }
+  for (const l of config.tcp.outbound) {
+    report.ok(
+      `tcp.outbound ${l.name}: ${l.listen.host}:${l.listen.port} → mTLS to ${l.target}, which must prove ${l.identity}${l.pin ? " and match the pin" : ""}`,
+    );
+  }
 
   // The sidecar's own validator and OpenSSL's verdict: exactly what `ashmesh proxy` would refuse or warn about.
   report.section("identity files");
@@ -108,6 +130,65 @@ async function checkConfig(file: string, report: Report): Promise<void> {
   }
   for (const notice of identityNotices(identity, now, config.acme ?? undefined))
     report.fail(notice.message, notice.hint);
+  if (config.tcp.inbound.length + config.tcp.outbound.length > 0) {
+    report.section("tcp targets");
+    await checkTcpTargets(config, identity, report, timeoutMs);
+  }
+}
+
+/** A TCP connection to host:port: null when accepted, else why not. */
+function tcpReachable(host: string, port: number, timeoutMs: number): Promise<string | null> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port });
+    const done = (error: string | null) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(error);
+    };
+    const timer = setTimeout(() => done(`no connection within ${timeoutMs} ms`), timeoutMs);
+    socket.once("connect", () => done(null));
+    socket.once("error", (err: NodeJS.ErrnoException) => done(err.code ?? err.message));
+  });
+}
+
+/** Each tcp.inbound target accepts connections; each tcp.outbound target proves its identity, by the sidecar's own connector. */
+async function checkTcpTargets(config: Config, identity: Identity, report: Report, timeoutMs: number): Promise<void> {
+  for (const l of config.tcp.inbound) {
+    const target = parseHostPort(l.target) as { host: string; port: number };
+    const error = await tcpReachable(target.host, target.port, timeoutMs);
+    if (error)
+      report.fail(
+        `tcp.inbound ${l.name}: nothing accepts connections at ${l.target} (${error})`,
+        `start the server, or fix tcp.inbound ${l.name}'s target: until then every tunnel is closed at once`,
+      );
+    else report.ok(`tcp.inbound ${l.name}: ${l.target} accepts connections`);
+  }
+  const context = config.tcp.outbound.length > 0 ? clientSecureContext(identity, config.tls) : null;
+  for (const l of config.tcp.outbound) {
+    const target = parseHostPort(l.target) as { host: string; port: number };
+    let verified: Verified | null = null;
+    const connector = new PeerConnector(
+      { identity: l.identity.toLowerCase(), host: target.host, port: target.port, pin: l.pin, label: l.target },
+      context as tls.SecureContext,
+      identity.ca.certs,
+      { connected: (_socket, state) => (verified = state), failed: () => undefined },
+      { connectTimeoutMs: timeoutMs, tcpKeepAliveMs: config.limits.tcpKeepAliveMs },
+    );
+    const error = await connector.connect([]).then(
+      (socket) => {
+        socket.destroy();
+        return null;
+      },
+      (err: Error) => err,
+    );
+    const state = verified as Verified | null;
+    if (error || !state)
+      report.fail(
+        `tcp.outbound ${l.name}: ${error?.message ?? "no verified connection"}`,
+        `is the peer's sidecar listening on ${l.target}, with a certificate for ${l.identity}?`,
+      );
+    else report.ok(`tcp.outbound ${l.name}: ${l.target} proved ${l.identity} (${state.version})`);
+  }
 }
 
 /** ACME: the directory answers, and what the sidecar's manager last did (acme-state.json beside tls.key). */
@@ -315,7 +396,7 @@ export async function main(argv: string[]): Promise<number> {
     throw new UsageError(`--timeout=${values.timeout}: expected milliseconds`);
   const report = new Report();
   if (values.config) {
-    await checkConfig(values.config, report);
+    await checkConfig(values.config, report, timeout);
     const config = (() => {
       try {
         return loadConfig({ file: values.config, env: process.env });

@@ -78,7 +78,7 @@ export async function main(argv: string[]): Promise<number> {
   const urls = [...positionals];
   if (values.mesh !== undefined || urls.length === 0) {
     const mesh = loadMesh(values.mesh || defaultMeshFile());
-    for (const s of mesh.services) urls.push(`http://${s.local}:${mesh.ports.admin}`);
+    for (const s of [...mesh.services, ...mesh.tcp]) urls.push(`http://${s.local}:${mesh.ports.admin}`);
   }
   const edges: Edge[] = [];
   let unreachable = 0;

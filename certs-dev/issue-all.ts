@@ -1,5 +1,5 @@
-// `certs issue-all`: a certificate for every service of a mesh file, so that a new mesh (or a
-// new service in it) needs one command. Idempotent: a current certificate is kept; one that is
+// `certs issue-all`: a certificate for every service and TCP server of a mesh file, so that a
+// new mesh (or a new service in it) needs one command. Idempotent: a current certificate is kept; one that is
 // missing, expired, revoked or signed by a CA no longer trusted is issued again.
 import { existsSync } from "node:fs";
 import type { Mesh } from "../config/mesh.js";
@@ -31,7 +31,8 @@ export async function issueAll(
     ca = await DevCa.init(dir, { commonName: mesh.caName });
     say(`created CA ${ca.active.subject} (serial ${ca.active.serial}) in ${dir}`);
   }
-  for (const s of mesh.services) {
+  // Every sidecar needs one: the services' and the TCP servers'.
+  for (const s of [...mesh.services, ...mesh.tcp]) {
     const why = need(ca, s.dnsName, now);
     const latest = ca.latest(s.dnsName);
     if (!why && latest) {

@@ -9,7 +9,16 @@
 import { readFileSync, writeFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { containerSidecarEnv, loadMesh, type Mesh, type MeshService, service } from "../config/mesh.js";
+import {
+  containerSidecarEnv,
+  containerTcpSidecarEnv,
+  loadMesh,
+  type Mesh,
+  type MeshService,
+  type MeshTcpServer,
+  service,
+  tcpServersOf,
+} from "../config/mesh.js";
 
 export const MESH_FILE = fileURLToPath(new URL("./mesh.yaml", import.meta.url));
 export const COMPOSE_FILE = fileURLToPath(new URL("./podman-compose.yml", import.meta.url));
@@ -21,13 +30,15 @@ const NODE = "/usr/local/bin/node";
 const IMAGE = "${ASHMESH_IMAGE:-localhost/ashmesh:latest}";
 // biome-ignore lint/suspicious/noTemplateCurlyInString: a compose variable, expanded by podman-compose
 const PKI = "${ASHMESH_PKI:-../.ashmesh/pki}";
+// biome-ignore lint/suspicious/noTemplateCurlyInString: a compose variable, expanded by podman-compose
+const REDIS_IMAGE = "${ASHMESH_REDIS_IMAGE:-docker.io/library/redis:7-bookworm}";
 const NETWORK = "ashchan-mesh";
 
 /** The sidecar of a service shares the app container's network namespace: it has no name in DNS. */
-export function appContainer(s: MeshService): string {
+export function appContainer(s: MeshService | MeshTcpServer): string {
   return s.dnsName;
 }
-export function sidecarContainer(s: MeshService): string {
+export function sidecarContainer(s: MeshService | MeshTcpServer): string {
   const [first, ...rest] = s.dnsName.split(".");
   return [`${first}-sidecar`, ...rest].join(".");
 }
@@ -80,11 +91,12 @@ function appService(mesh: Mesh, s: MeshService): string[] {
 function sidecarService(mesh: Mesh, s: MeshService): string[] {
   const env = containerSidecarEnv(mesh, s.key);
   const calls = [...new Set(s.calls.map((c) => service(mesh, c.to).key))];
+  const tcp = tcpServersOf(mesh, s.key).map((server) => `; tcp 127.0.0.1:${server.port} → ${server.key}`);
   const lines = [
     `  ${s.key}-sidecar:`,
     `    # ${s.dnsName}'s sidecar: mTLS :${mesh.ports.mtls} → the app; HTTP_PROXY 127.0.0.1:${mesh.ports.outbound} → ${
       calls.length ? calls.join(", ") : "nobody"
-    }; admin :${mesh.ports.admin}.`,
+    }${tcp.join("")}; admin :${mesh.ports.admin}.`,
     `    container_name: ${scalar(sidecarContainer(s))}`,
     `    image: ${scalar(IMAGE)}`,
     "    command: [proxy]",
@@ -98,6 +110,49 @@ function sidecarService(mesh: Mesh, s: MeshService): string[] {
     "    volumes:",
     "      # Directories, not files: a certificate replaced by rename is seen by the sidecar's watcher.",
     `      - ${scalar(`${PKI}/${s.dnsName}:/etc/mtls/identity:ro`)}`,
+    `      - ${scalar(`${PKI}/trust:/etc/mtls/trust:ro`)}`,
+  ];
+  hardening(lines);
+  return lines;
+}
+
+/** A TCP server's container: the server alone, on loopback of its own network namespace. */
+function tcpServerService(server: MeshTcpServer): string[] {
+  const lines = [
+    `  ${server.key}:`,
+    `    # ${server.serviceName}: redis-server on 127.0.0.1:${server.port}, reached only through its sidecar's :${server.mtlsPort}.`,
+    `    container_name: ${scalar(appContainer(server))}`,
+    `    image: ${scalar(REDIS_IMAGE)}`,
+    "    entrypoint: [/usr/local/bin/redis-server]",
+    // No persistence: the demo's Redis is a cache, and the root file system is read-only.
+    `    command: ${flow(["--bind", "127.0.0.1", "--port", String(server.port), "--save", "", "--appendonly", "no"])}`,
+    "    # The public image's redis user.",
+    `    user: ${scalar("999:999")}`,
+    `    networks: [${NETWORK}]`,
+  ];
+  hardening(lines);
+  return lines;
+}
+
+function tcpSidecarService(mesh: Mesh, server: MeshTcpServer): string[] {
+  const env = containerTcpSidecarEnv(mesh, server.key);
+  const lines = [
+    `  ${server.key}-sidecar:`,
+    `    # ${server.dnsName}'s sidecar: tcp.inbound mTLS :${server.mtlsPort} → 127.0.0.1:${server.port} for ${
+      server.clients.join(", ") || "nobody"
+    }; admin :${mesh.ports.admin}.`,
+    `    container_name: ${scalar(sidecarContainer(server))}`,
+    `    image: ${scalar(IMAGE)}`,
+    "    command: [proxy]",
+    `    network_mode: ${scalar(`container:${appContainer(server)}`)}`,
+    `    depends_on: [${server.key}]`,
+    "    # The owner of the key files (0600) on the host: see ASHMESH_UID above.",
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: a compose variable, expanded by podman-compose
+    `    user: ${scalar("${ASHMESH_UID:-10001}:${ASHMESH_GID:-10001}")}`,
+    "    environment:",
+    ...Object.entries(env).map(([k, v]) => `      ${k}: ${scalar(v)}`),
+    "    volumes:",
+    `      - ${scalar(`${PKI}/${server.dnsName}:/etc/mtls/identity:ro`)}`,
     `      - ${scalar(`${PKI}/trust:/etc/mtls/trust:ro`)}`,
   ];
   hardening(lines);
@@ -118,7 +173,15 @@ const HEADER = (
 #                                  (network_mode: container:<app>): mTLS on :${mesh.ports.mtls}, the app's
 #                                  HTTP_PROXY on 127.0.0.1:${mesh.ports.outbound}, admin on :${mesh.ports.admin}.
 # Only the entry app (${mesh.entry.service}) is published, on 127.0.0.1 of the host.
-#
+#${mesh.tcp
+  .map(
+    (server) => `
+# ${server.dnsName} is Redis (redis-server on its own 127.0.0.1:${server.port}), with its sidecar's
+# tcp.inbound on :${server.mtlsPort}; the apps of ${server.clients.join(", ")} reach it on 127.0.0.1:${server.port}
+# of their own network namespace, through a tcp.outbound of their sidecar.
+#`,
+  )
+  .join("")}
 # From the repository root (README, "Run the mesh on Podman"):
 #   compose/build-image.sh [--base localhost/ashmesh-base:latest]
 #   node dist/bin/ashmesh.js certs issue-all --mesh compose/mesh.yaml
@@ -135,6 +198,8 @@ const HEADER = (
 #                       from inside the container), or \`podman unshare chown\` the files to 10001
 #   ASHMESH_NETWORK     the network's name (default ${NETWORK})
 #   ASHMESH_ENTRY_PORT  the port of the entry app on 127.0.0.1 (default ${service(mesh, mesh.entry.service).appPort})
+#   ASHMESH_REDIS_IMAGE the Redis image (default docker.io/library/redis:7-bookworm; without a
+#                       registry, compose/podman/build-redis.sh makes localhost/ashmesh-redis:latest)
 `;
 
 export function generateCompose(mesh: Mesh, meshFile = "compose/mesh.yaml"): string {
@@ -144,6 +209,7 @@ export function generateCompose(mesh: Mesh, meshFile = "compose/mesh.yaml"): str
     if (i > 0) lines.push("");
     lines.push(...appService(mesh, s), ...sidecarService(mesh, s));
   }
+  for (const server of mesh.tcp) lines.push("", ...tcpServerService(server), ...tcpSidecarService(mesh, server));
   return `${lines.join("\n")}\n`;
 }
 

@@ -66,6 +66,18 @@ const list = (value: string): string[] =>
     .map((s) => s.trim())
     .filter(Boolean);
 
+/**
+ * A list of objects in YAML flow style or JSON, as the file would have it: the TCP listeners of a
+ * container set by environment only. Unparseable text is left as a string for the schema to refuse.
+ */
+function yamlList(value: string): unknown {
+  try {
+    return parseYaml(value);
+  } catch {
+    return value;
+  }
+}
+
 /** Every variable of the seed's "Service Configuration", plus a few of ours (documented in README). */
 export const ENV_VARS: Record<string, EnvVar> = {
   SERVICE_NAME: { field: "service.name", set: put("service", "name") },
@@ -101,6 +113,8 @@ export const ENV_VARS: Record<string, EnvVar> = {
     set: put("outbound", "destinations", list),
     emptyIsValue: true,
   },
+  TCP_INBOUND: { field: "tcp.inbound", set: put("tcp", "inbound", yamlList) },
+  TCP_OUTBOUND: { field: "tcp.outbound", set: put("tcp", "outbound", yamlList) },
   ADMIN_LISTEN: { field: "admin.listen", set: put("admin", "listen") },
   MTLS_CRL_URL: { field: "tls.crlUrl", set: put("tls", "crlUrl", list) },
   // ACME: setting ACME_DIRECTORY turns the section on; the others refine it.

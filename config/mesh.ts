@@ -1,6 +1,8 @@
 // A whole mesh in one file (compose/mesh.yaml): its services, their names and ports, and who
-// calls whom. It is the one source for `certs issue-all`, each sidecar's allow-list, `ashmesh up`,
-// the podman-compose file and `ashmesh check --mesh`.
+// calls whom; and its servers that are not HTTP (`tcp`: Redis here), each behind a sidecar's
+// tcp.inbound, with the services that reach them through a tcp.outbound. It is the one source
+// for `certs issue-all`, each sidecar's allow-list, `ashmesh up`, the podman-compose file and
+// `ashmesh check --mesh`.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parse as parseYaml } from "yaml";
@@ -30,6 +32,23 @@ const serviceSchema = z.strictObject({
   calls: z.array(call).default([]),
 });
 
+const tcpServerSchema = z.strictObject({
+  /** SERVICE_NAME of its sidecar. */
+  serviceName: z.string().regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/),
+  /** Default: <key>.<domain>. */
+  dnsName: z.string().optional(),
+  /** The server `ashmesh up` and the Podman mesh run: redis-server is the one they know. */
+  kind: z.enum(["redis"]),
+  /** The server's own port, on loopback beside its sidecar; also each client's local port for it. */
+  port: z.number().int().min(1).max(65535),
+  /** Its sidecar's tcp.inbound. */
+  mtlsPort: z.number().int().min(1).max(65535),
+  /** `ashmesh up`: its own loopback address. */
+  local: z.string().refine(isLoopback, "expected an address in 127.0.0.0/8"),
+  /** Service keys whose sidecars get a tcp.outbound to it: its allow-list. */
+  clients: z.array(z.string().regex(KEY, "expected a service key of this file")).default([]),
+});
+
 const meshSchema = z.strictObject({
   domain: z.string().min(1),
   caName: z.string().min(1).default("ashchan-ca"),
@@ -41,6 +60,7 @@ const meshSchema = z.strictObject({
     })
     .prefault({}),
   services: z.record(z.string().regex(KEY, "expected a lower-case key such as auth"), serviceSchema),
+  tcp: z.record(z.string().regex(KEY, "expected a lower-case key such as redis"), tcpServerSchema).default({}),
   /** The request that starts the demo flow, sent to the entry service's app. */
   entry: z.strictObject({
     service: z.string().regex(KEY),
@@ -63,12 +83,26 @@ export interface MeshService {
   callers: string[];
 }
 
+/** A server that is not HTTP, behind its sidecar's tcp.inbound. */
+export interface MeshTcpServer {
+  key: string;
+  serviceName: string;
+  dnsName: string;
+  kind: "redis";
+  port: number;
+  mtlsPort: number;
+  local: string;
+  /** Keys of the services that reach it: its allow-list. */
+  clients: string[];
+}
+
 export interface Mesh {
   file: string;
   domain: string;
   caName: string;
   ports: { mtls: number; admin: number; outbound: number };
   services: MeshService[];
+  tcp: MeshTcpServer[];
   entry: { service: string; method: string; path: string };
 }
 
@@ -118,8 +152,25 @@ export function parseMesh(input: unknown, file = "mesh"): Mesh {
       else if (!callee.callers.includes(s.key)) callee.callers.push(s.key);
     }
   }
+  const tcp: MeshTcpServer[] = Object.entries(m.tcp).map(([key, s]) => ({
+    key,
+    serviceName: s.serviceName,
+    dnsName: s.dnsName ?? `${key}.${m.domain}`,
+    kind: s.kind,
+    port: s.port,
+    mtlsPort: s.mtlsPort,
+    local: s.local,
+    clients: [...new Set(s.clients)],
+  }));
+  for (const server of tcp) {
+    if (services.some((s) => s.key === server.key))
+      problems.push(`tcp.${server.key}: "${server.key}" is also a service: one name, one identity`);
+    for (const c of server.clients)
+      if (!services.some((s) => s.key === c))
+        problems.push(`tcp.${server.key}.clients: "${c}" is not a service of this file`);
+  }
   const locals = new Map<string, string>();
-  for (const s of services) {
+  for (const s of [...services, ...tcp]) {
     const other = locals.get(s.local);
     if (other) problems.push(`services.${s.key}.local: ${s.local} is already used by ${other}`);
     locals.set(s.local, s.key);
@@ -127,7 +178,7 @@ export function parseMesh(input: unknown, file = "mesh"): Mesh {
   if (!services.some((s) => s.key === m.entry.service))
     problems.push(`entry.service: "${m.entry.service}" is not a service of this file`);
   if (problems.length) throw new ConfigError(`${file}:\n  ${problems.join("\n  ")}`);
-  return { file, domain: m.domain, caName: m.caName, ports: m.ports, services, entry: m.entry };
+  return { file, domain: m.domain, caName: m.caName, ports: m.ports, services, tcp, entry: m.entry };
 }
 
 export function loadMesh(file: string): Mesh {
@@ -176,6 +227,55 @@ export function localSidecarInput(mesh: Mesh, key: string, pkiDir: string): Conf
       resolve,
     },
     admin: { listen: `${s.local}:${mesh.ports.admin}` },
+    // Each TCP server it is a client of, on its own address at the server's port (the server's own
+    // sidecar is on the server's address).
+    tcp: {
+      outbound: tcpServersOf(mesh, key).map((server) => ({
+        name: server.key,
+        listen: `${s.local}:${server.port}`,
+        target: `${server.local}:${server.mtlsPort}`,
+        identity: server.dnsName,
+      })),
+    },
+  };
+}
+
+/** The TCP servers `key` is a client of. */
+export function tcpServersOf(mesh: Mesh, key: string): MeshTcpServer[] {
+  return mesh.tcp.filter((server) => server.clients.includes(key));
+}
+
+export function tcpServer(mesh: Mesh, key: string): MeshTcpServer {
+  const found = mesh.tcp.find((s) => s.key === key);
+  if (!found)
+    throw new ConfigError(`${mesh.file}: no tcp server "${key}" (tcp: ${mesh.tcp.map((s) => s.key).join(", ")})`);
+  return found;
+}
+
+/** The sidecar of a TCP server on this machine: only its tcp.inbound (and admin), on the server's own address. */
+export function localTcpSidecarInput(mesh: Mesh, key: string, pkiDir: string): ConfigInput {
+  const server = tcpServer(mesh, key);
+  return {
+    service: { name: server.serviceName, dnsName: server.dnsName },
+    tls: {
+      cert: join(pkiDir, server.dnsName, "server.crt"),
+      key: join(pkiDir, server.dnsName, "server.key"),
+      ca: join(pkiDir, "trust", "ca.crt"),
+      crl: join(pkiDir, "trust", "ca.crl"),
+    },
+    inbound: { enabled: false },
+    outbound: { enabled: false },
+    admin: { listen: `${server.local}:${mesh.ports.admin}` },
+    tcp: {
+      inbound: [
+        {
+          name: server.key,
+          listen: `${server.local}:${server.mtlsPort}`,
+          target: `${server.local}:${server.port}`,
+          allow: server.clients.map((c) => service(mesh, c).dnsName),
+        },
+      ],
+    },
   };
 }
 
@@ -200,6 +300,49 @@ export function containerSidecarEnv(mesh: Mesh, key: string): Record<string, str
     APP_URL: `http://127.0.0.1:${s.appPort}`,
     OUTBOUND_LISTEN: `127.0.0.1:${mesh.ports.outbound}`,
     OUTBOUND_DESTINATIONS: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))].join(","),
+    ...tcpOutboundEnv(mesh, key),
+    ADMIN_LISTEN: `0.0.0.0:${mesh.ports.admin}`,
+    LOG_LEVEL: "info",
+  };
+}
+
+/** TCP_OUTBOUND of a client of TCP servers: each on the app's loopback at the server's port, to its sidecar by DNS name. */
+function tcpOutboundEnv(mesh: Mesh, key: string): Record<string, string> {
+  const servers = tcpServersOf(mesh, key);
+  if (servers.length === 0) return {};
+  return {
+    TCP_OUTBOUND: JSON.stringify(
+      servers.map((server) => ({
+        name: server.key,
+        listen: `127.0.0.1:${server.port}`,
+        target: `${server.dnsName}:${server.mtlsPort}`,
+        identity: server.dnsName,
+      })),
+    ),
+  };
+}
+
+/** The environment of a TCP server's sidecar container: no HTTP listener, one tcp.inbound in front of the server. */
+export function containerTcpSidecarEnv(mesh: Mesh, key: string): Record<string, string> {
+  const server = tcpServer(mesh, key);
+  return {
+    SERVICE_NAME: server.serviceName,
+    SERVICE_DNS_NAME: server.dnsName,
+    MTLS_ENABLED: "false",
+    MTLS_CERT_FILE: "/etc/mtls/identity/server.crt",
+    MTLS_KEY_FILE: "/etc/mtls/identity/server.key",
+    MTLS_CA_FILE: "/etc/mtls/trust/ca.crt",
+    MTLS_CRL_FILE: "/etc/mtls/trust/ca.crl",
+    MTLS_MIN_TLS_VERSION: "TLSv1.3",
+    OUTBOUND_ENABLED: "false",
+    TCP_INBOUND: JSON.stringify([
+      {
+        name: server.key,
+        listen: `0.0.0.0:${server.mtlsPort}`,
+        target: `127.0.0.1:${server.port}`,
+        allow: server.clients.map((c) => service(mesh, c).dnsName),
+      },
+    ]),
     ADMIN_LISTEN: `0.0.0.0:${mesh.ports.admin}`,
     LOG_LEVEL: "info",
   };

@@ -94,6 +94,45 @@ const resolveTarget = z.string().refine((value) => {
 
 const positiveMs = z.number().int().positive();
 
+// A TCP listener's name: its `listener` label in metrics and logs. "inbound" and "outbound" name
+// the HTTP listeners in those same fields.
+const tcpName = z
+  .string()
+  .regex(/^[a-zA-Z0-9_-]{1,64}$/, "expected a short name such as redis")
+  .refine((name) => name !== "inbound" && name !== "outbound", "inbound and outbound name the HTTP listeners");
+
+const peerTarget = z.string().refine((value) => {
+  const parsed = parseHostPort(value);
+  return parsed !== null && parsed.port > 0 && parsed.host !== "0.0.0.0";
+}, 'expected "host:port" of a peer\'s tcp.inbound');
+
+const tcpInbound = z.strictObject({
+  name: tcpName,
+  listen,
+  // The server behind the tunnel: on loopback, or the bytes would cross a network in plain text
+  // after the sidecar verified them (inbound.app is only warned about; a raw TCP target is refused).
+  target: z.string().refine((value) => {
+    const parsed = parseHostPort(value);
+    return parsed !== null && parsed.port > 0 && isLoopback(parsed.host);
+  }, 'expected "host:port" on loopback (127.0.0.0/8, ::1 or localhost), where only this host can reach it'),
+  // Required: a raw TCP server has no per-request check of ours behind it, so "any identity the
+  // mesh CA signed" must be written out ("*"), never a default. []: nobody.
+  allow: z.array(identityPattern, {
+    error: 'expected a list of the identities that may connect ([] for nobody, ["*"] for any the mesh CA signed)',
+  }),
+});
+
+const tcpOutbound = z.strictObject({
+  name: tcpName,
+  listen: listen.refine((a) => isLoopback(a.host), "the outbound listener must bind to a loopback address"),
+  target: peerTarget,
+  /** The identity the peer's certificate must carry as an exact DNS SAN. */
+  identity: z
+    .string({ error: "expected the DNS name the peer's certificate must carry, such as redis.ashchan.local" })
+    .pipe(dnsName),
+  pin: spkiPin.nullable().default(null),
+});
+
 // ACME (RFC 8555) is spoken over HTTPS only; credentials in the URL would reach logs and /status.
 const httpsUrl = z
   .string()
@@ -192,6 +231,33 @@ export const configSchema = z.strictObject({
       upstreams: z.record(z.string().regex(/^[a-zA-Z0-9_-]+$/, "expected a short name"), upstream).default({}),
     })
     .prefault({}),
+  // Plain TCP tunnels for protocols that are not HTTP (PostgreSQL, Redis, ...), identity checked per connection.
+  tcp: z
+    .strictObject({
+      inbound: z.array(tcpInbound, { error: "expected a list of listeners {name, listen, target, allow}" }).default([]),
+      outbound: z
+        .array(tcpOutbound, { error: "expected a list of listeners {name, listen, target, identity, pin?}" })
+        .default([]),
+    })
+    .prefault({})
+    .superRefine((tcp, ctx) => {
+      const seen = new Set<string>();
+      for (const [direction, list] of [
+        ["inbound", tcp.inbound],
+        ["outbound", tcp.outbound],
+      ] as const) {
+        for (const [i, l] of list.entries()) {
+          if (seen.has(l.name)) {
+            ctx.addIssue({
+              code: "custom",
+              path: [direction, i, "name"],
+              message: "expected a name no other tcp listener has (it is the listener label)",
+            });
+          }
+          seen.add(l.name);
+        }
+      }
+    }),
   admin: z
     .strictObject({
       enabled: z.boolean().default(true),

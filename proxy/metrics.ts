@@ -64,6 +64,16 @@ export type Protocol = "http1" | "h2" | "grpc" | "ws" | "tcp";
 /** A connection is HTTP/1.1, HTTP/2 (gRPC rides on it) or a TCP tunnel. */
 export type ConnectionProtocol = Extract<Protocol, "http1" | "h2" | "tcp">;
 
+/**
+ * The bytes a TCP listener carried, read at scrape time: the totals of closed tunnels plus what
+ * open ones have moved so far. `in` flows from the side that connected to the side it reaches.
+ */
+export interface TunnelBytes {
+  direction: Direction;
+  listener: string;
+  read(): { in: number; out: number };
+}
+
 export interface RequestRecorder {
   record(protocol: Protocol, code: number, seconds: number): void;
 }
@@ -80,6 +90,7 @@ export class Metrics {
   readonly openConnections: Gauge<"direction" | "protocol">;
   readonly certReloads: Counter<"result">;
   private readonly recorders = new Map<string, RequestRecorder>();
+  private readonly tunnelBytes: TunnelBytes[] = [];
 
   constructor(certSource: CertGaugeSource, options: { processMetrics?: boolean } = {}) {
     const registers = [this.registry];
@@ -163,6 +174,22 @@ export class Metrics {
         const now = Date.now();
         for (const crl of certSource.crls()) {
           if (crl.nextUpdate) this.set({ issuer: crl.issuer }, (crl.nextUpdate.getTime() - now) / DAY_MS);
+        }
+      },
+    });
+    const tunnels = this.tunnelBytes;
+    new Counter({
+      name: "mtls_tcp_bytes_total",
+      help: "Bytes carried by TCP tunnels, by direction, listener and flow (in: from the side that connected).",
+      labelNames: ["direction", "listener", "flow"],
+      registers,
+      // Read at scrape time, so a tunnel costs nothing per chunk and a long-lived one still shows.
+      collect() {
+        this.reset();
+        for (const t of tunnels) {
+          const bytes = t.read();
+          this.inc({ direction: t.direction, listener: t.listener, flow: "in" }, bytes.in);
+          this.inc({ direction: t.direction, listener: t.listener, flow: "out" }, bytes.out);
         }
       },
     });
@@ -285,6 +312,11 @@ export class Metrics {
     this.handshakes.inc({ direction, result: "failed" });
     this.handshakeFailures.inc({ direction, reason });
     if (reason === "revoked") this.revokedConnections.inc({ direction });
+  }
+
+  /** Publishes a TCP listener's byte counts in mtls_tcp_bytes_total. */
+  countTunnelBytes(source: TunnelBytes): void {
+    this.tunnelBytes.push(source);
   }
 
   /** Counts `socket` in mtls_open_connections until it closes. */

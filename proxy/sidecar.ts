@@ -16,9 +16,10 @@ import { type Identity, IdentityError, identityNotices, loadIdentity } from "./i
 import { IdentityStore } from "./identity-store.js";
 import { Inbound } from "./inbound.js";
 import { createLogger, type Logger } from "./log.js";
-import { Metrics } from "./metrics.js";
+import { type Direction, Metrics } from "./metrics.js";
 import { Outbound } from "./outbound.js";
 import { inheritedSockets } from "./systemd.js";
+import { TcpListeners } from "./tcp.js";
 import { assertUsable } from "./tls.js";
 
 export interface SidecarOptions {
@@ -46,6 +47,7 @@ export interface Listening {
   inbound: AddressInfo | null;
   outbound: Array<{ name: string; address: AddressInfo }>;
   admin: AddressInfo | null;
+  tcp: Array<{ name: string; direction: Direction; address: AddressInfo }>;
 }
 
 const DAY_MS = 86_400_000;
@@ -57,9 +59,10 @@ export class Sidecar {
   readonly identity: IdentityStore;
   private inbound: Inbound | null = null;
   private outbound: Outbound | null = null;
+  private tcp: TcpListeners | null = null;
   private admin: Server | null = null;
   private state: "created" | "starting" | "running" | "draining" | "stopped" = "created";
-  private listening: Listening = { inbound: null, outbound: [], admin: null };
+  private listening: Listening = { inbound: null, outbound: [], admin: null, tcp: [] };
   private expiryTimer: NodeJS.Timeout | null = null;
   private readonly startedAt = new Date();
 
@@ -129,6 +132,7 @@ export class Sidecar {
     this.identity.on("change", (change) => {
       this.inbound?.applyIdentity(change);
       this.outbound?.applyIdentity(change);
+      this.tcp?.applyIdentity(change);
       this.metrics.certReloads.inc({ result: "ok" });
       const s = change.next.server.summary;
       this.logger.info({
@@ -233,6 +237,29 @@ export class Sidecar {
       this.listening.outbound = await this.outbound.listen(sockets.get("outbound"));
       for (const l of this.listening.outbound) {
         logger.info({ event: "listening", listener: "outbound", name: l.name, address: formatAddress(l.address) });
+      }
+    }
+    if (config.tcp.inbound.length > 0 || config.tcp.outbound.length > 0) {
+      for (const l of config.tcp.inbound) {
+        if (l.allow.includes("*")) {
+          logger.warn({
+            event: "config_warning",
+            message: `tcp.inbound ${l.name}: allow has "*": any identity the mesh CA signed reaches ${l.target}`,
+          });
+        }
+      }
+      this.tcp = new TcpListeners(deps);
+      this.listening.tcp = await this.tcp.listen();
+      for (const l of this.listening.tcp) {
+        const spec = [...config.tcp.inbound, ...config.tcp.outbound].find((s) => s.name === l.name);
+        logger.info({
+          event: "listening",
+          listener: l.name,
+          protocol: "tcp",
+          direction: l.direction,
+          address: formatAddress(l.address),
+          target: spec?.target,
+        });
       }
     }
     if (this.options.watch ?? true) await this.identity.watch();
@@ -349,8 +376,9 @@ export class Sidecar {
           : null,
         outbound: this.listening.outbound.map((l) => ({ name: l.name, address: formatAddress(l.address) })),
         admin: this.listening.admin ? formatAddress(this.listening.admin) : null,
+        tcp: this.tcp?.status() ?? { inbound: [], outbound: [] },
       },
-      open_connections: { inbound: this.inbound?.openConnections ?? 0 },
+      open_connections: { inbound: this.inbound?.openConnections ?? 0, tcp_tunnels: this.tcp?.openTunnels ?? 0 },
       ...(this.acme ? { acme: this.acme.status } : {}),
       ...(this.crlFetcher ? { crl_fetch: this.crlFetcher.status } : {}),
     };
@@ -365,8 +393,9 @@ export class Sidecar {
       event: "draining",
       timeout_ms: this.config.limits.drainTimeoutMs,
       open_connections: this.inbound?.openConnections ?? 0,
+      tcp_tunnels: this.tcp?.openTunnels ?? 0,
     });
-    await Promise.all([this.inbound?.drain(deadline), this.outbound?.drain(deadline)]);
+    await Promise.all([this.inbound?.drain(deadline), this.outbound?.drain(deadline), this.tcp?.drain(deadline)]);
     await this.stop();
   }
 
@@ -377,7 +406,7 @@ export class Sidecar {
     await Promise.all([this.acme?.stop(), this.crlFetcher?.stop()]);
     await this.responder?.close();
     await this.identity.close();
-    await Promise.all([this.inbound?.close(), this.outbound?.close()]);
+    await Promise.all([this.inbound?.close(), this.outbound?.close(), this.tcp?.close()]);
     if (this.admin) {
       this.admin.closeAllConnections();
       await new Promise<void>((resolve) => this.admin?.close(() => resolve()));

@@ -1,6 +1,6 @@
-// `ashmesh certs issue-all --mesh FILE`: one certificate per service of the mesh file, the CA
-// made (with the mesh's caName) when missing; run again it keeps what is current and issues only
-// what is missing, expired or revoked; it never overwrites files it did not make.
+// `ashmesh certs issue-all --mesh FILE`: one certificate per service and TCP server of the mesh
+// file, the CA made (with the mesh's caName) when missing; run again it keeps what is current and
+// issues only what is missing, expired or revoked; it never overwrites files it did not make.
 import { X509Certificate } from "node:crypto";
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -14,7 +14,7 @@ const MESH = "compose/mesh.yaml";
 t.test("issue-all makes the CA and every service's certificate, then is idempotent", async (t) => {
   const dir = join(tempDir(t), "pki");
   const mesh = loadMesh(MESH);
-  const names = mesh.services.map((s) => s.dnsName);
+  const names = [...mesh.services, ...mesh.tcp].map((s) => s.dnsName);
 
   const first = await certsCli(["issue-all", "--mesh", MESH, "--dir", dir]);
   t.equal(first.code, 0, `the real command: ${first.err}`);

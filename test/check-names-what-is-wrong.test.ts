@@ -15,8 +15,12 @@ const ashmesh = (args: string[]) => ashmeshCli(args, { timeoutMs: 60_000 });
 
 /** compose/mesh.yaml on other loopback addresses (127.0.21.x), so it can run beside `up` tests. */
 function testMesh(dir: string): string {
-  const doc = parse(readFileSync("compose/mesh.yaml", "utf8")) as { services: Record<string, { local: string }> };
-  for (const s of Object.values(doc.services)) s.local = s.local.replace("127.0.10.", "127.0.21.");
+  const doc = parse(readFileSync("compose/mesh.yaml", "utf8")) as {
+    services: Record<string, { local: string }>;
+    tcp: Record<string, { local: string }>;
+  };
+  for (const s of [...Object.values(doc.services), ...Object.values(doc.tcp)])
+    s.local = s.local.replace("127.0.10.", "127.0.21.");
   const file = join(dir, "mesh.yaml");
   writeFileSync(file, stringify(doc));
   return file;

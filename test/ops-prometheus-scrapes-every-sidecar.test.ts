@@ -1,7 +1,7 @@
 // prometheus.yml is valid for Prometheus's own checker, loads the alert rules, and scrapes the
-// admin port of every service of compose/mesh.yaml under its podman name, labelled with the
-// SERVICE_NAME the sidecar logs with: a service added to (or removed from) the mesh without
-// its scrape target fails here.
+// admin port of every sidecar of compose/mesh.yaml (its services' and TCP servers') under its
+// podman name, labelled with the SERVICE_NAME the sidecar logs with: a service added to (or
+// removed from) the mesh without its scrape target fails here.
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -52,7 +52,7 @@ t.test(
   },
 );
 
-t.test("every service of compose/mesh.yaml is a scrape target, and nothing else", async (t) => {
+t.test("every sidecar of compose/mesh.yaml is a scrape target, and nothing else", async (t) => {
   const mesh = loadMesh(at("compose/mesh.yaml"));
   const config = readYaml<PromConfig>(CONFIG);
   t.same(config.rule_files, ["alerts.yml"], "rule_files loads alerts.yml next to it");
@@ -71,7 +71,8 @@ t.test("every service of compose/mesh.yaml is a scrape target, and nothing else"
     }
   }
   const expected = new Set<string>();
-  for (const s of mesh.services) {
+  const sidecars = [...mesh.services, ...mesh.tcp];
+  for (const s of sidecars) {
     const target = `${s.dnsName}:${mesh.ports.admin}`;
     expected.add(target);
     const labels = targets.get(target);
@@ -79,5 +80,5 @@ t.test("every service of compose/mesh.yaml is a scrape target, and nothing else"
     t.equal(labels?.service, s.serviceName, `${s.key}: labelled service="${s.serviceName}" (its SERVICE_NAME)`);
   }
   for (const target of targets.keys()) t.ok(expected.has(target), `${target} is a service of compose/mesh.yaml`);
-  t.equal(targets.size, mesh.services.length, `${mesh.services.length} targets for ${mesh.services.length} services`);
+  t.equal(targets.size, sidecars.length, `${sidecars.length} targets for ${sidecars.length} sidecars`);
 });

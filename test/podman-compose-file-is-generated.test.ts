@@ -2,12 +2,16 @@
 // the file on disk must be what the generator makes now, and what it makes must keep the mesh's
 // security properties: every sidecar shares its app's network namespace, only the entry app is
 // published and only on the host's loopback, identity files are mounted read-only and the CA's
-// own key never is, the allow-lists and destinations are the mesh file's edges.
+// own key never is, the allow-lists and destinations are the mesh file's edges; a TCP server
+// (Redis) listens on its own loopback only, behind its sidecar's tcp.inbound, which allows
+// exactly its clients, whose sidecars reach it through a tcp.outbound on their loopback.
 import { readFileSync } from "node:fs";
 import t from "tap";
 import { parse } from "yaml";
 import { COMPOSE_FILE, generateCompose, MESH_FILE } from "../compose/generate-compose.js";
-import { loadMesh, service } from "../config/mesh.js";
+import { parseConfig } from "../config/load.js";
+import { loadMesh, service, tcpServersOf } from "../config/mesh.js";
+import type { ConfigInput } from "../config/schema.js";
 
 interface ComposeService {
   container_name: string;
@@ -41,8 +45,8 @@ t.test("what the generator makes keeps the mesh's properties", async (t) => {
   const names = Object.keys(doc.services);
   t.same(
     names.sort(),
-    mesh.services.flatMap((s) => [s.key, `${s.key}-sidecar`]).sort(),
-    "an app and a sidecar per service",
+    [...mesh.services, ...mesh.tcp].flatMap((s) => [s.key, `${s.key}-sidecar`]).sort(),
+    "an app and a sidecar per service and per TCP server",
   );
 
   for (const s of mesh.services) {
@@ -101,7 +105,63 @@ t.test("what the generator makes keeps the mesh's properties", async (t) => {
     t.notOk(app.volumes, `${s.key}: the app mounts no key`);
     t.notMatch(generated, /\/ca:/, "the CA's directory is never mounted");
     t.match(sidecar.user ?? "", /^\$\{ASHMESH_UID:-10001\}:\$\{ASHMESH_GID:-10001\}$/, "not root by default");
+    const tcpOutbound = JSON.parse(env.TCP_OUTBOUND ?? "[]") as NonNullable<ConfigInput["tcp"]>["outbound"];
+    t.same(
+      tcpOutbound,
+      tcpServersOf(mesh, s.key).map((server) => ({
+        name: server.key,
+        listen: `127.0.0.1:${server.port}`,
+        target: `${server.dnsName}:${server.mtlsPort}`,
+        identity: server.dnsName,
+      })),
+      `${s.key}: a tcp.outbound on its loopback to each TCP server it is a client of, and no other`,
+    );
   }
+
+  t.ok(mesh.tcp.length > 0, "the mesh has a TCP server");
+  for (const server of mesh.tcp) {
+    const app = doc.services[server.key] as ComposeService;
+    const sidecar = doc.services[`${server.key}-sidecar`] as ComposeService;
+    t.equal(app.container_name, server.dnsName);
+    t.notOk(app.ports, `${server.key}: not published`);
+    t.match(
+      app.command?.join(" "),
+      new RegExp(`^--bind 127\\.0\\.0\\.1 --port ${server.port} `),
+      "on its loopback only",
+    );
+    t.equal(sidecar.network_mode, `container:${server.dnsName}`, "its sidecar in its network namespace");
+    for (const c of [app, sidecar]) {
+      t.equal(c.read_only, true, `${c.container_name}: read-only root`);
+      t.same(c.cap_drop, ["ALL"], `${c.container_name}: no capabilities`);
+    }
+    const env = sidecar.environment;
+    t.equal(env.MTLS_ENABLED, "false", "no HTTP inbound");
+    t.equal(env.OUTBOUND_ENABLED, "false", "no HTTP outbound");
+    t.same(JSON.parse(env.TCP_INBOUND ?? "[]"), [
+      {
+        name: server.key,
+        listen: `0.0.0.0:${server.mtlsPort}`,
+        target: `127.0.0.1:${server.port}`,
+        allow: server.clients.map((c) => service(mesh, c).dnsName),
+      },
+    ]);
+    t.same(sidecar.volumes, [
+      `\${ASHMESH_PKI:-../.ashmesh/pki}/${server.dnsName}:/etc/mtls/identity:ro`,
+      `\${ASHMESH_PKI:-../.ashmesh/pki}/trust:/etc/mtls/trust:ro`,
+    ]);
+  }
+});
+
+t.test("every sidecar's environment is a configuration the sidecar accepts", async (t) => {
+  const doc = parse(generated) as { services: Record<string, ComposeService> };
+  for (const [name, c] of Object.entries(doc.services)) {
+    if (!name.endsWith("-sidecar")) continue;
+    const config = parseConfig({}, { env: c.environment, source: name });
+    t.equal(config.service.dnsName, c.environment.SERVICE_DNS_NAME, `${name}: valid`);
+  }
+  const redis = parseConfig({}, { env: (doc.services["redis-sidecar"] as ComposeService).environment });
+  t.match(redis, { inbound: { enabled: false }, outbound: { enabled: false } });
+  t.match(redis.tcp.inbound, [{ name: "redis", listen: { host: "0.0.0.0", port: 6380 }, target: "127.0.0.1:6379" }]);
 });
 
 t.test("a change in the mesh file changes the compose file", async (t) => {

@@ -1,8 +1,12 @@
 // The Ashchan mesh on Podman, as an operator starts it (README, "Run the mesh on Podman"): the
 // image built by compose/build-image.sh on a local base, certificates from `certs issue-all`,
-// compose/podman-compose.yml run by podman-compose. Twelve containers: six stand-in apps, each
-// with its sidecar in the app's network namespace. Then, from the outside:
+// compose/podman-compose.yml run by podman-compose. Fourteen containers: six stand-in apps, each
+// with its sidecar in the app's network namespace, and Redis (an image built from this machine's
+// redis-server) with its sidecar. Then, from the outside:
 // - a post crosses every edge of the mesh file, and each app sees its caller's verified identity;
+// - boards' app reaches Redis on its own 127.0.0.1:6379, through its sidecar's tcp.outbound and
+//   Redis's sidecar's tcp.inbound; from the mesh network, no certificate, a foreign CA or a trusted
+//   identity that is not a client gets no byte from Redis, and Redis sees no connection;
 // - a container on the mesh network without a certificate is refused at every :8443, and cannot
 //   reach any app's plain port; a foreign CA's certificate is refused; a trusted identity that is
 //   not on the allow-list gets 403;
@@ -20,6 +24,7 @@ import { eventually, sample, sleep } from "./lib/mesh.js";
 import { at } from "./lib/ops.js";
 import {
   buildImages,
+  buildRedisImage,
   compose,
   freePort,
   type ProbeStep,
@@ -27,8 +32,10 @@ import {
   podmanRun,
   podmanSkip,
   probe,
+  REDIS_IMAGE,
   request,
 } from "./lib/podman.js";
+import { redisServer } from "./lib/tcp.js";
 
 // Building the image and starting twelve containers takes a while on two cores.
 t.setTimeout(900_000);
@@ -37,7 +44,7 @@ const PROJECT = "ashmesh-e2e";
 const mesh: Mesh = loadMesh(at("compose/mesh.yaml"));
 const entry = service(mesh, mesh.entry.service);
 const sidecarName = (dnsName: string) => dnsName.replace(/^([^.]+)/, "$1-sidecar");
-const containers = mesh.services.flatMap((s) => [s.dnsName, sidecarName(s.dnsName)]);
+const containers = [...mesh.services, ...mesh.tcp].flatMap((s) => [s.dnsName, sidecarName(s.dnsName)]);
 
 interface HopReport {
   served_by: string;
@@ -51,7 +58,9 @@ async function logsOf(container: string): Promise<string> {
   return r.output;
 }
 
-t.test("the mesh in Podman containers", { skip: podmanSkip }, async (t) => {
+// The Redis image is made from this machine's redis-server: without it the mesh file's Redis
+// cannot run, and the test says so (CI installs it; ASHMESH_REQUIRE_OPS_TOOLS=1 fails instead).
+t.test("the mesh in Podman containers", { skip: podmanSkip || redisServer.skip }, async (t) => {
   // Containers of this test left by an earlier run that was killed are removed; anyone else's
   // container with one of these names (the demo mesh) stops the test instead.
   for (const name of containers) {
@@ -72,6 +81,9 @@ t.test("the mesh in Podman containers", { skip: podmanSkip }, async (t) => {
 
   const built = await buildImages();
   if (!t.equal(built.code, 0, `compose/build-image.sh builds the image\n${built.output.slice(-3000)}`)) return;
+  const redisBuilt = await buildRedisImage();
+  if (!t.equal(redisBuilt.code, 0, `compose/podman/build-redis.sh builds Redis\n${redisBuilt.output.slice(-3000)}`))
+    return;
 
   const pkiDir = tempDir(t, "ashmesh-podman-");
   const issued = await certs(["issue-all", "--mesh", at("compose/mesh.yaml"), "--dir", pkiDir]);
@@ -82,7 +94,7 @@ t.test("the mesh in Podman containers", { skip: podmanSkip }, async (t) => {
   // root inside the container instead.
   const runAsRoot = process.getuid?.() === 0;
   if (runAsRoot) {
-    for (const s of mesh.services) {
+    for (const s of [...mesh.services, ...mesh.tcp]) {
       const dir = join(pkiDir, s.dnsName);
       chownSync(dir, 10001, 10001);
       for (const f of readdirSync(dir)) chownSync(join(dir, f), 10001, 10001);
@@ -94,6 +106,7 @@ t.test("the mesh in Podman containers", { skip: podmanSkip }, async (t) => {
     ASHMESH_PKI: pkiDir,
     ASHMESH_NETWORK: network,
     ASHMESH_ENTRY_PORT: String(entryPort),
+    ASHMESH_REDIS_IMAGE: REDIS_IMAGE,
     ...(runAsRoot ? {} : { ASHMESH_UID: "0", ASHMESH_GID: "0" }),
   });
   t.teardown(async () => {
@@ -239,6 +252,92 @@ t.test("the mesh in Podman containers", { skip: podmanSkip }, async (t) => {
       "unknown_ca counted",
     );
     t.ok(sample(text, "mtls_authz_denied_total", { identity: "search.ashchan.local" }) >= 1, "the 403 counted");
+  });
+
+  await t.test("boards reaches Redis through its tcp.outbound; nobody else reaches it", async (t) => {
+    const redis = mesh.tcp.find((s) => s.kind === "redis");
+    if (!redis) {
+      t.fail("the mesh file has a Redis");
+      return;
+    }
+    const boards = service(mesh, "boards");
+    // What boards' app would do: Redis on its own 127.0.0.1:<port>, the sidecar does the rest.
+    const viaBoards = async (commands: string[][]) => {
+      const resp = [...commands, ["QUIT"]]
+        .map((c) => `*${c.length}\r\n${c.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join("")}`)
+        .join("");
+      const script = `const s = require("node:net").connect(${redis.port}, "127.0.0.1", () => s.write(${JSON.stringify(resp)}));
+let out = ""; s.on("data", (d) => { out += d; }); s.on("error", (e) => { out += "ERROR " + e.code; });
+s.on("close", () => process.stdout.write(out)); setTimeout(() => s.destroy(), 8000);`;
+      const r = await podmanRun(["exec", boards.dnsName, "/usr/local/bin/node", "-e", script]);
+      return r.stdout;
+    };
+    const ready = await eventually(async () => (await viaBoards([["PING"]])).startsWith("+PONG"), 60_000);
+    if (!t.ok(ready, "boards' app gets +PONG from Redis")) {
+      t.comment((await logsOf(sidecarName(redis.dnsName))).slice(-2000));
+      return;
+    }
+    const first = await viaBoards([
+      ["SET", "ashmesh:e2e", "over mTLS"],
+      ["GET", "ashmesh:e2e"],
+      ["INFO", "stats"],
+    ]);
+    t.match(first, /^\+OK\r\n\$9\r\nover mTLS\r\n/, "SET and GET through the tunnel");
+    const connections = (text: string) => Number(/total_connections_received:(\d+)/.exec(text)?.[1] ?? Number.NaN);
+    const before = connections(first);
+    t.ok(before >= 1, `Redis counts its connections (${before})`);
+
+    const trustCa = readFileSync(DevCa.paths(pkiDir).trustCa, "utf8");
+    const foreignDir = tempDir(t, "ashmesh-foreign-");
+    t.equal((await certs(["init", "--dir", foreignDir])).code, 0);
+    t.equal((await certs(["issue", boards.dnsName, "--dir", foreignDir])).code, 0);
+    const foreign = DevCa.open(foreignDir).identityFiles(boards.dnsName);
+    const search = ca.identityFiles(service(mesh, "search").dnsName);
+    const PING = "*1\r\n$4\r\nPING\r\n";
+    const steps: ProbeStep[] = [
+      { name: "no certificate", host: redis.dnsName, port: redis.mtlsPort, tls: { ca: trustCa }, send: PING },
+      {
+        name: "a foreign CA's boards",
+        host: redis.dnsName,
+        port: redis.mtlsPort,
+        tls: { ca: trustCa, cert: readFileSync(foreign.cert, "utf8"), key: readFileSync(foreign.key, "utf8") },
+        send: PING,
+      },
+      {
+        name: "search (trusted, not a client)",
+        host: redis.dnsName,
+        port: redis.mtlsPort,
+        tls: { ca: trustCa, cert: readFileSync(search.cert, "utf8"), key: readFileSync(search.key, "utf8") },
+        send: PING,
+      },
+      { name: "plain TCP to the mTLS port", host: redis.dnsName, port: redis.mtlsPort, send: PING },
+      { name: "plain TCP to Redis itself", host: redis.dnsName, port: redis.port, send: PING },
+    ];
+    for (const r of await probe(network, steps)) {
+      if (r.name === "plain TCP to Redis itself")
+        t.equal(r.error, "ECONNREFUSED", `${r.name}: refused, Redis listens on its own loopback only`);
+      else t.equal(r.firstLine, "", `${r.name}: not one byte back (${r.error ?? "closed"})`);
+    }
+    const after = connections(await viaBoards([["INFO", "stats"]]));
+    t.equal(after, before + 1, "Redis saw no connection but boards' own (the refused peers never reached it)");
+
+    const [metrics] = await probe(network, [
+      { name: "metrics", host: redis.dnsName, port: mesh.ports.admin, send: request("GET", redis.dnsName, "/metrics") },
+    ]);
+    const text = metrics?.body ?? "";
+    t.ok(sample(text, "mtls_authz_denied_total", { identity: service(mesh, "search").dnsName, route: redis.key }) >= 1);
+    t.ok(sample(text, "mtls_handshake_failures", { direction: "inbound", reason: "no_client_cert" }) >= 1);
+    t.ok(sample(text, "mtls_handshake_failures", { direction: "inbound", reason: "unknown_ca" }) >= 1);
+    t.ok(
+      sample(text, "mtls_tcp_bytes_total", { direction: "inbound", listener: redis.key, flow: "in" }) > 0,
+      "the Redis sidecar counted the bytes it carried",
+    );
+    const handshake = (await logsOf(sidecarName(redis.dnsName)))
+      .split("\n")
+      .filter((l) => l.includes('"event":"mtls_handshake_complete"'))
+      .map((l) => JSON.parse(l) as Record<string, string>)
+      .find((l) => l.client_cn === boards.dnsName);
+    t.match(handshake, { listener: redis.key, server_cn: redis.dnsName, tls_version: "TLSv1.3" });
   });
 
   await t.test("rotating certificates while posts flow fails none of them", async (t) => {

@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
 import { ashmeshCli } from "./lib/run.js";
+import { redisServer } from "./lib/tcp.js";
 
 /** `ashmesh up --once` with its PKI in DIR, given a minute: it starts six sidecars and their apps. */
 const up = (dir: string) => ashmeshCli(["up", "--once", "--dir", join(dir, "pki")], { timeoutMs: 60_000 });
@@ -33,6 +34,24 @@ t.test("the post crosses gateway, auth, boards, media, moderation and search", a
     );
   }
   t.match(first.out, /TLSv1\.3, TLS_AES_256_GCM_SHA384/);
+  if (redisServer.path) {
+    t.match(
+      first.out,
+      /redis: redis-server on 127\.0\.10\.7:6379, behind its sidecar's tcp\.inbound 127\.0\.10\.7:6380/,
+    );
+    t.match(
+      first.out,
+      /✔ boards\.ashchan\.local → redis\.ashchan\.local {2}TCP redis PING through 127\.0\.10\.3:6379 {2}\+PONG/,
+    );
+    t.match(first.out, /client cert seen by redis\.ashchan\.local's sidecar: boards\.ashchan\.local/);
+    t.match(first.out, /server cert verified by boards\.ashchan\.local's sidecar: redis\.ashchan\.local/);
+  } else {
+    t.match(
+      first.out,
+      /boards\.ashchan\.local → redis\.ashchan\.local {2}TCP redis: skipped: redis-server is not installed/,
+    );
+  }
+  t.match(first.out, /issued redis\.ashchan\.local/, "the TCP server's sidecar has its certificate");
   t.match(first.out, /✔ the post crossed the mesh/);
   t.match(first.out, /http:\/\/127\.0\.10\.1:9901\/metrics/);
 

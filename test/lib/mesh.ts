@@ -135,6 +135,8 @@ export interface RunningSidecar {
   inboundPort: number;
   outboundPort: number;
   adminUrl: string;
+  /** The port of each TCP listener, by name. */
+  tcpPorts: Record<string, number>;
   /** Prometheus text of /metrics. */
   metrics(): Promise<string>;
 }
@@ -149,6 +151,7 @@ export function sidecarConfig(p: Pki, name: string, overrides: ConfigInput | Rec
     inbound: { listen: "127.0.0.1:0", ...o.inbound },
     outbound: { listen: "127.0.0.1:0", ...o.outbound },
     admin: { listen: "127.0.0.1:0", ...o.admin },
+    tcp: { ...o.tcp },
     limits: { ...o.limits },
     log: { level: "debug", ...o.log },
   });
@@ -172,6 +175,7 @@ export async function sidecar(
     inboundPort: listening.inbound?.port ?? 0,
     outboundPort: listening.outbound[0]?.address.port ?? 0,
     adminUrl,
+    tcpPorts: Object.fromEntries(listening.tcp.map((l) => [l.name, l.address.port])),
     metrics: async () => (await request(`${adminUrl}/metrics`)).body.text(),
   };
 }

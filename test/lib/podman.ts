@@ -12,6 +12,8 @@ export const podmanCompose = tool("podman-compose", "podman-compose");
 export const podmanSkip: string | false = podman.skip || podmanCompose.skip;
 
 export const IMAGE = "localhost/ashmesh:latest";
+/** The Redis of the mesh file's `tcp` section, built from this machine's redis-server. */
+export const REDIS_IMAGE = "localhost/ashmesh-redis:latest";
 export const BASE = "localhost/ashmesh-base:latest";
 export const COMPOSE_FILE = at("compose/podman-compose.yml");
 const SHIM = at("compose/podman/podman-shim");
@@ -73,6 +75,13 @@ export function buildImages(): Promise<RunResult> {
       timeoutMs: 600_000,
     });
   });
+}
+
+/** The Redis image, from this machine's redis-server and its libraries (no registry needed). */
+export function buildRedisImage(): Promise<RunResult> {
+  return withBuildLock(() =>
+    run("sh", [at("compose/podman/build-redis.sh"), REDIS_IMAGE], { env: podmanEnv(), timeoutMs: 300_000 }),
+  );
 }
 
 export const SYSTEMD_IMAGE = "localhost/ashmesh-systemd:latest";
