@@ -134,6 +134,14 @@ export const ENV_VARS: Record<string, EnvVar> = {
     secret: true,
   },
   LOG_LEVEL: { field: "log.level", set: put("log", "level", (v) => v.trim().toLowerCase()) },
+  ASHMESH_WORKERS: {
+    field: "workers",
+    set: (raw, value) => {
+      const v = value.trim().toLowerCase();
+      raw.workers = /^\d+$/.test(v) ? Number(v) : v;
+    },
+    expected: 'expected "auto" or a number of processes from 1 to 64',
+  },
 };
 
 const FILE_FIELDS = ["cert", "key", "ca", "clientCert", "clientKey", "crl"] as const;

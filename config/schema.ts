@@ -308,6 +308,10 @@ export const configSchema = z.strictObject({
       level: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
     })
     .prefault({}),
+  // Processes that share the listeners: 1 for a sidecar beside one service; N, or "auto" (one
+  // per core), for a gateway or a load test. A primary process then keeps admin, ACME and the
+  // CRL fetcher; the workers serve the connections (cluster.ts).
+  workers: z.union([z.literal("auto"), z.number().int().min(1).max(64)]).default(1),
 });
 
 export type ConfigInput = z.input<typeof configSchema>;

@@ -14,6 +14,13 @@ import { ACME_TLS_ALPN, parseClientHello } from "./client-hello.js";
 import type { Logger } from "./log.js";
 
 export type ChallengeType = "tls-alpn-01" | "http-01";
+
+/** A change of the pending challenges, as the primary of workers sends it to them (cluster.ts). */
+export type ChallengeChange =
+  | { op: "addTlsAlpn"; name: string; certPem: string; keyPem: string }
+  | { op: "removeTlsAlpn"; name: string }
+  | { op: "addHttp"; token: string; keyAuthorization: string }
+  | { op: "removeHttp"; token: string };
 export type ChallengeResult = "answered" | "unknown";
 
 const HTTP01_PREFIX = "/.well-known/acme-challenge/";
@@ -26,6 +33,8 @@ export class ChallengeResponder {
   private readonly tlsServer: tls.Server;
   private httpServer: http.Server | null = null;
   private bootstrap: Acceptor | null = null;
+  /** Called on every change (the primary of workers forwards it; workers answer the CA's connections). */
+  onChange: ((change: ChallengeChange) => void) | null = null;
 
   constructor(
     private readonly logger: Logger,
@@ -71,18 +80,30 @@ export class ChallengeResponder {
   /** Presents `certPem` (the acmeIdentifier certificate) to a tls-alpn-01 validation of `name`. */
   addTlsAlpn(name: string, certPem: string | Buffer, keyPem: string | Buffer): void {
     this.alpn.set(name.toLowerCase(), tls.createSecureContext({ cert: certPem, key: keyPem }));
+    this.onChange?.({ op: "addTlsAlpn", name, certPem: certPem.toString(), keyPem: keyPem.toString() });
   }
 
   removeTlsAlpn(name: string): void {
     this.alpn.delete(name.toLowerCase());
+    this.onChange?.({ op: "removeTlsAlpn", name });
   }
 
   addHttp(token: string, keyAuthorization: string): void {
     this.tokens.set(token, keyAuthorization);
+    this.onChange?.({ op: "addHttp", token, keyAuthorization });
   }
 
   removeHttp(token: string): void {
     this.tokens.delete(token);
+    this.onChange?.({ op: "removeHttp", token });
+  }
+
+  /** Takes a change made elsewhere (in the primary of workers). */
+  apply(change: ChallengeChange): void {
+    if (change.op === "addTlsAlpn") this.addTlsAlpn(change.name, change.certPem, change.keyPem);
+    else if (change.op === "removeTlsAlpn") this.removeTlsAlpn(change.name);
+    else if (change.op === "addHttp") this.addHttp(change.token, change.keyAuthorization);
+    else this.removeHttp(change.token);
   }
 
   /** True when the first TLS record of a connection asks for a tls-alpn-01 validation. */

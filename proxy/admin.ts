@@ -13,10 +13,12 @@ export interface AdminSources {
   timeoutMs: number;
   /** Host names (lower case) besides IP literals that requests may name. */
   hosts: ReadonlySet<string>;
-  registry: Registry;
+  /** The sidecar's registry, or (workers) one that aggregates every process's. */
+  registry: Pick<Registry, "metrics" | "contentType">;
   ready(): { ready: true } | { ready: false; reason: string };
-  status(): unknown;
-  edges(): unknown;
+  /** The primary of workers asks them first, hence the promises. */
+  status(): unknown | Promise<unknown>;
+  edges(): unknown | Promise<unknown>;
 }
 
 function json(res: http.ServerResponse, status: number, value: unknown): void {
@@ -32,6 +34,26 @@ export function hostAllowed(host: string | undefined, hosts: ReadonlySet<string>
   return isIP(name) !== 0 || hosts.has(name.toLowerCase().replace(/\.$/, ""));
 }
 
+/** The answer to one path: status, body (text, or a value sent as JSON) and content type. */
+async function answer(sources: AdminSources, path: string | undefined): Promise<[number, unknown, string?]> {
+  switch (path) {
+    case "/metrics":
+      return [200, await sources.registry.metrics(), sources.registry.contentType];
+    case "/healthz":
+      return [200, { status: "ok" }];
+    case "/readyz": {
+      const r = sources.ready();
+      return r.ready ? [200, { status: "ready" }] : [503, { status: "not_ready", reason: r.reason }];
+    }
+    case "/status":
+      return [200, await sources.status()];
+    case "/edges":
+      return [200, await sources.edges()];
+    default:
+      return [404, { error: "not_found", paths: ["/metrics", "/healthz", "/readyz", "/status", "/edges"] }];
+  }
+}
+
 export function createAdminServer(sources: AdminSources): http.Server {
   const timeout = sources.timeoutMs;
   return http.createServer(
@@ -45,36 +67,15 @@ export function createAdminServer(sources: AdminSources): http.Server {
         });
       }
       const path = (req.url ?? "/").split("?")[0];
-      switch (path) {
-        case "/metrics":
-          sources.registry.metrics().then(
-            (text) => {
-              res.writeHead(200, { "content-type": sources.registry.contentType });
-              res.end(text);
-            },
-            (err: Error) => json(res, 500, { error: "metrics_failed", message: err.message }),
-          );
-          return;
-        case "/healthz":
-          return json(res, 200, { status: "ok" });
-        case "/readyz": {
-          const r = sources.ready();
-          return json(
-            res,
-            r.ready ? 200 : 503,
-            r.ready ? { status: "ready" } : { status: "not_ready", reason: r.reason },
-          );
-        }
-        case "/status":
-          return json(res, 200, sources.status());
-        case "/edges":
-          return json(res, 200, sources.edges());
-        default:
-          return json(res, 404, {
-            error: "not_found",
-            paths: ["/metrics", "/healthz", "/readyz", "/status", "/edges"],
-          });
-      }
+      answer(sources, path).then(
+        ([status, body, type]) => {
+          if (typeof body === "string") {
+            res.writeHead(status, { "content-type": type ?? "text/plain" });
+            res.end(body);
+          } else json(res, status, body);
+        },
+        (err: Error) => json(res, 500, { error: "admin_failed", path, message: err.message }),
+      );
     },
   );
 }

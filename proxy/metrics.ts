@@ -152,6 +152,8 @@ export class Metrics {
       registers,
     });
     new Gauge({
+      // Shared state, the same in every worker: one value, not a sum (cluster.ts).
+      aggregator: "first",
       name: "mtls_cert_expiry_days",
       help: "Days until a certificate in use expires (negative once expired).",
       labelNames: ["cert", "subject"],
@@ -165,6 +167,8 @@ export class Metrics {
       },
     });
     new Gauge({
+      // Shared state, the same in every worker: one value, not a sum (cluster.ts).
+      aggregator: "first",
       name: "mtls_crl_next_update_days",
       help: "Days until the CRL in use passes its nextUpdate; after that every peer of its CA is refused.",
       labelNames: ["issuer"],
@@ -226,6 +230,8 @@ export class Metrics {
     });
     const gauge = (name: string, help: string, value: (a: AcmeSample) => number | null) =>
       new Gauge({
+        // Shared state, the same in every worker: one value, not a sum (cluster.ts).
+        aggregator: "first",
         name,
         help,
         labelNames: ["directory"],
@@ -255,6 +261,8 @@ export class Metrics {
     // Labelled like mtls_cert_expiry_days (cert="server" and "client": one certificate serves
     // both with ACME), so that the expiry alerts can leave healthy ACME certificates alone.
     new Gauge({
+      // Shared state, the same in every worker: one value, not a sum (cluster.ts).
+      aggregator: "first",
       name: "mtls_acme_cert_lifetime_remaining_ratio",
       help: "Share of the ACME certificate's lifetime still ahead (1 when issued, 0 at expiry); renewal is due at 1 - acme.renewAt.",
       labelNames: ["directory", "cert"],
@@ -292,6 +300,8 @@ export class Metrics {
       },
     });
     new Gauge({
+      // Shared state, the same in every worker: one value, not a sum (cluster.ts).
+      aggregator: "first",
       name: "mtls_crl_last_fetch_timestamp_seconds",
       help: "When a CRL was last fetched and validated from this URL (Unix seconds; the fetcher's start until then).",
       labelNames: ["url"],

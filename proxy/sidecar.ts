@@ -9,7 +9,7 @@ import type { DestinationStream } from "pino";
 import { type Config, isLoopback } from "../config/schema.js";
 import { AcmeManager, type AcmeOptions } from "./acme.js";
 import { ChallengeResponder } from "./acme-challenge.js";
-import { createAdminServer } from "./admin.js";
+import { type AdminSources, createAdminServer } from "./admin.js";
 import { CrlFetcher } from "./crl-fetch.js";
 import { Edges } from "./edges.js";
 import { type Identity, IdentityError, identityNotices, loadIdentity } from "./identity.js";
@@ -18,7 +18,7 @@ import { Inbound } from "./inbound.js";
 import { createLogger, type Logger } from "./log.js";
 import { type Direction, Metrics } from "./metrics.js";
 import { Outbound } from "./outbound.js";
-import { inheritedSockets } from "./systemd.js";
+import { inheritedSockets, type ListenerName } from "./systemd.js";
 import { TcpListeners } from "./tcp.js";
 import { assertUsable } from "./tls.js";
 
@@ -32,6 +32,15 @@ export interface SidecarOptions {
   watch?: boolean;
   /** Use listening sockets handed over by systemd (LISTEN_FDS), default true. */
   inheritSockets?: boolean;
+  /** Listening sockets to use instead (a worker gets the primary's, cluster.ts). */
+  sockets?: Map<ListenerName, number>;
+  /**
+   * Run the parts that keep the identity files fresh (the ACME manager, the CRL fetcher), default
+   * true. Workers leave them to the primary and only take the files it writes.
+   */
+  control?: boolean;
+  /** What the admin listener answers from, instead of this process alone (the primary of workers). */
+  admin?: Partial<Pick<AdminSources, "registry" | "ready" | "status" | "edges">>;
   /** The ACME manager's clock and jitter (tests). */
   acme?: AcmeOptions;
 }
@@ -71,6 +80,11 @@ export class Sidecar {
   /** The CRL fetcher, with tls.crlUrl. */
   readonly crlFetcher: CrlFetcher | null;
   private readonly responder: ChallengeResponder | null;
+
+  /** The ACME challenges this sidecar answers (cluster.ts keeps the workers' in step with the primary's). */
+  get challenges(): ChallengeResponder | null {
+    return this.responder;
+  }
 
   private constructor(
     readonly config: Config,
@@ -167,16 +181,17 @@ export class Sidecar {
         level: config.log.level,
         ...(options.logDestination ? { destination: options.logDestination } : {}),
       });
+    const control = options.control ?? true;
     const responder = config.acme ? new ChallengeResponder(logger, config.limits) : null;
-    const acme = responder ? new AcmeManager(config, logger, responder, options.acme) : null;
-    const crl = config.tls.crlUrl.length > 0 ? new CrlFetcher(config, logger) : null;
+    const acme = responder && control ? new AcmeManager(config, logger, responder, options.acme) : null;
+    const crl = config.tls.crlUrl.length > 0 && control ? new CrlFetcher(config, logger) : null;
     try {
       // A wrong directory URL or CA bundle stops the start here (exit 2); a CA that is down does not.
       const down = await acme?.verifyDirectory();
       if (down) logger.warn({ event: "acme_directory_unreachable", reason: down });
       // CRLs first: the first certificate is validated against them before it is written.
       await crl?.fetchOnce();
-      if (config.acme?.http01Listen) await responder?.listenHttp01(config.acme.http01Listen);
+      if (control && config.acme?.http01Listen) await responder?.listenHttp01(config.acme.http01Listen);
       // No usable certificate yet (first start, or expired): order one before anything listens.
       await acme?.ensureCertificate();
       const identity = await loadIdentity(config.tls, { dnsName: config.service.dnsName });
@@ -199,7 +214,9 @@ export class Sidecar {
       edges: this.edges,
       acme: config.acme?.challenge === "tls-alpn-01" ? this.responder : null,
     };
-    const sockets = this.options.inheritSockets === false ? new Map() : inheritedSockets();
+    const sockets =
+      this.options.sockets ??
+      (this.options.inheritSockets === false ? new Map<ListenerName, number>() : inheritedSockets());
     this.reportIdentity(this.identity.current);
     if (config.inbound.enabled) {
       if (!config.inbound.verifyClient) {
@@ -281,6 +298,7 @@ export class Sidecar {
         ready: () => this.readiness(),
         status: () => this.status(),
         edges: () => this.edges.list(),
+        ...this.options.admin,
       });
       const { host, port } = config.admin.listen;
       const fd = sockets.get("admin");

@@ -6,7 +6,7 @@ import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
-import t from "tap";
+import t, { type Test } from "tap";
 import { inheritedSockets } from "../proxy/systemd.js";
 import { app, eventually, pki, sleep, steadyLoad } from "./lib/mesh.js";
 import { writeYaml } from "./lib/spawn.js";
@@ -26,7 +26,8 @@ t.test("LISTEN_FDS: named sockets, a single unnamed one is inbound, another proc
   t.same([...inheritedSockets({}, 42)], []);
 });
 
-t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl is not installed" }, async (t) => {
+/** Starts the sidecar (`workers` processes) under the stand-in for systemd, restarts it under load. */
+async function restartUnderLoad(t: Test, workers: number): Promise<void> {
   const p = await pki(t);
   const backend = await app(t);
   const files = await p.identity("auth.ashchan.local");
@@ -38,6 +39,7 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
     inbound: { listen: "127.0.0.1:1", app: backend.url },
     outbound: { enabled: false },
     admin: { enabled: false },
+    workers,
   });
   const log = join(p.dir, "sidecar.log");
   const supervisor: ChildProcess = spawn(
@@ -89,7 +91,9 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
     logText()
       .split("\n")
       .filter((l) => l.includes('"event":"listening"') && l.includes('"socket":"systemd"')).length;
-  const waitListening = async (n: number) => {
+  // Each process that serves (the one sidecar, or each worker) logs that it listens on the socket.
+  const waitListening = async (starts: number) => {
+    const n = starts * workers;
     for (let i = 0; i < 300 && listening() < n; i++) await sleep(50);
     return listening() >= n;
   };
@@ -125,4 +129,14 @@ t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl i
   const inGap = results.filter((r) => r.at >= stopAt && r.at <= startedAt);
   t.ok(inGap.length >= 2, `requests were made while no sidecar ran (${inGap.length}), and waited for the new one`);
   t.ok(backend.seen.length >= results.length, "each reached the app");
-});
+}
+
+t.test("a restart under load refuses nothing", { skip: hasPerl ? false : "perl is not installed" }, (t) =>
+  restartUnderLoad(t, 1),
+);
+
+t.test(
+  "with workers: 2, a restart under load refuses nothing either",
+  { skip: hasPerl ? false : "perl is not installed" },
+  (t) => restartUnderLoad(t, 2),
+);
