@@ -4,7 +4,7 @@
 // Node's X509Certificate reads certificates; @peculiar/x509 reads what Node does not expose (CRLs,
 // key usage bits, writing certificates) and is loaded on first use, with its crypto provider set
 // once, so that a sidecar without a CRL never pays the ~100 ms it takes to load.
-import { createHash, type KeyObject, webcrypto, type X509Certificate } from "node:crypto";
+import { constants, createHash, type KeyObject, verify, webcrypto, type X509Certificate } from "node:crypto";
 
 export type Peculiar = typeof import("@peculiar/x509");
 
@@ -254,6 +254,113 @@ export function nameToRfc2253(name: import("@peculiar/x509").Name): string {
     .join(",");
 }
 
+/**
+ * A small DER reader (ITU-T X.690): the CRL fields the sidecar needs and a certificate's key usage
+ * are read here, without @peculiar/x509, which costs a sidecar ~100 ms of start and megabytes of
+ * heap. @peculiar stays for writing certificates and for `certs inspect`.
+ */
+interface Tlv {
+  tag: number;
+  /** Offsets in the buffer: the first byte of the element, of its contents, and just past it. */
+  start: number;
+  body: number;
+  end: number;
+}
+
+function tlv(der: Uint8Array, at: number): Tlv {
+  const tag = der[at] ?? -1;
+  const first = der[at + 1] ?? 0;
+  let length = first;
+  let body = at + 2;
+  if (first & 0x80) {
+    const bytes = first & 0x7f;
+    if (bytes === 0 || bytes > 4) throw new Error("DER: unsupported length");
+    length = 0;
+    for (let i = 0; i < bytes; i++) length = length * 256 + (der[at + 2 + i] ?? 0);
+    body = at + 2 + bytes;
+  }
+  const end = body + length;
+  if (tag < 0 || end > der.length) throw new Error("DER: element runs past the end");
+  return { tag, start: at, body, end };
+}
+
+function children(der: Uint8Array, parent: Tlv): Tlv[] {
+  const out: Tlv[] = [];
+  for (let at = parent.body; at < parent.end; ) {
+    const child = tlv(der, at);
+    out.push(child);
+    at = child.end;
+  }
+  return out;
+}
+
+function oidOf(der: Uint8Array, t: Tlv): string {
+  const bytes = der.subarray(t.body, t.end);
+  const parts: number[] = [Math.floor((bytes[0] ?? 0) / 40), (bytes[0] ?? 0) % 40];
+  let value = 0;
+  for (const byte of bytes.subarray(1)) {
+    value = value * 128 + (byte & 0x7f);
+    if (!(byte & 0x80)) {
+      parts.push(value);
+      value = 0;
+    }
+  }
+  return parts.join(".");
+}
+
+function timeOf(der: Uint8Array, t: Tlv): Date {
+  const text = Buffer.from(der.subarray(t.body, t.end)).toString("latin1");
+  // UTCTime YYMMDDHHMMSSZ (years 1950-2049), GeneralizedTime YYYYMMDDHHMMSSZ (RFC 5280 §4.1.2.5).
+  const full = t.tag === 0x17 ? `${Number(text.slice(0, 2)) >= 50 ? "19" : "20"}${text}` : text;
+  const m = /^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})Z$/.exec(full);
+  if (!m) throw new Error(`DER: unsupported time ${text}`);
+  return new Date(Date.UTC(+m[1]!, +m[2]! - 1, +m[3]!, +m[4]!, +m[5]!, +m[6]!));
+}
+
+const isTime = (t: Tlv | undefined) => t?.tag === 0x17 || t?.tag === 0x18;
+
+/** Attribute types by OID, as RFC 4514 writes them. */
+const NAME_TYPES: Record<string, string> = {
+  "2.5.4.3": "CN",
+  "2.5.4.6": "C",
+  "2.5.4.7": "L",
+  "2.5.4.8": "ST",
+  "2.5.4.10": "O",
+  "2.5.4.11": "OU",
+  "0.9.2342.19200300.100.1.25": "DC",
+  "1.2.840.113549.1.9.1": "emailAddress",
+};
+
+/** A DER Name as RFC 2253 (most specific first), as rfc2253() writes Node's names. */
+function nameOf(der: Uint8Array, name: Tlv): string {
+  const rdns = children(der, name).map((set) =>
+    children(der, set)
+      .map((atv) => {
+        const [type, value] = children(der, atv);
+        if (!type || !value) return "";
+        const oid = oidOf(der, type);
+        const raw = Buffer.from(der.subarray(value.body, value.end));
+        const text = value.tag === 0x1e ? raw.swap16().toString("utf16le") : raw.toString("utf8");
+        return `${NAME_TYPES[oid] ?? oid}=${escapeValue(text)}`;
+      })
+      .join("+"),
+  );
+  return rdns.reverse().join(",");
+}
+
+/** Signature algorithms by OID: the digest node:crypto verifies with (null: none, as for EdDSA). */
+const SIGNATURE_DIGESTS: Record<string, string | null> = {
+  "1.2.840.113549.1.1.11": "sha256", // sha256WithRSAEncryption
+  "1.2.840.113549.1.1.12": "sha384",
+  "1.2.840.113549.1.1.13": "sha512",
+  "1.2.840.113549.1.1.14": "sha224",
+  "1.2.840.10045.4.3.2": "sha256", // ecdsa-with-SHA256
+  "1.2.840.10045.4.3.3": "sha384",
+  "1.2.840.10045.4.3.4": "sha512",
+  "1.3.101.112": null, // Ed25519
+  "1.3.101.113": null, // Ed448
+};
+
 export interface Crl {
   /** RFC 2253, as the CA's subject reads. */
   issuer: string;
@@ -261,30 +368,93 @@ export interface Crl {
   nextUpdate: Date | null;
   /** Normalized serials (see normalizeSerial). */
   revoked: Set<string>;
-  /** The parsed list, for what else a caller wants to read (entries, extensions). */
-  raw: import("@peculiar/x509").X509Crl;
+  /** What the signature covers, its algorithm (and RSASSA-PSS parameters) and the signature. */
+  signed: { tbs: Buffer; algorithm: string; pss: { hash: string; saltLength: number } | null; signature: Buffer };
+  /** The whole CRL, DER. */
+  der: Buffer;
 }
 
-/** One CRL, from a PEM block or DER. */
+/** One CRL, from a PEM block or DER (RFC 5280 §5.1: CertificateList). */
 export async function parseCrl(data: string | Buffer): Promise<Crl> {
-  const x509 = await peculiar();
-  const crl = new x509.X509Crl(typeof data === "string" ? data : new Uint8Array(data));
+  const der = typeof data === "string" ? (pemBlocks(data, "X509 CRL")[0]?.der ?? Buffer.alloc(0)) : data;
+  const list = tlv(der, 0);
+  const [tbs, algorithm, signature] = children(der, list);
+  if (list.tag !== 0x30 || tbs?.tag !== 0x30 || algorithm?.tag !== 0x30 || signature?.tag !== 0x03) {
+    throw new Error("not a DER CertificateList");
+  }
+  const fields = children(der, tbs);
+  let i = fields[0]?.tag === 0x02 ? 1 : 0; // version, when present
+  i++; // the signature algorithm again, inside what is signed
+  const issuer = fields[i++];
+  const thisUpdate = fields[i++];
+  if (issuer?.tag !== 0x30 || !thisUpdate || !isTime(thisUpdate)) throw new Error("no issuer or thisUpdate");
+  const nextUpdate = isTime(fields[i]) ? fields[i++] : undefined;
+  const revoked = new Set<string>();
+  const entries = fields[i]?.tag === 0x30 ? fields[i] : undefined;
+  for (const entry of entries ? children(der, entries) : []) {
+    const serial = children(der, entry)[0];
+    if (serial?.tag === 0x02)
+      revoked.add(normalizeSerial(Buffer.from(der.subarray(serial.body, serial.end)).toString("hex")));
+  }
+  const [algorithmOid, params] = children(der, algorithm);
+  const algorithmName = algorithmOid ? oidOf(der, algorithmOid) : "";
   return {
-    issuer: nameToRfc2253(crl.issuerName),
-    thisUpdate: crl.thisUpdate,
-    nextUpdate: crl.nextUpdate ?? null,
-    revoked: new Set(crl.entries.map((e) => normalizeSerial(e.serialNumber))),
-    raw: crl,
+    issuer: nameOf(der, issuer),
+    thisUpdate: timeOf(der, thisUpdate),
+    nextUpdate: nextUpdate ? timeOf(der, nextUpdate) : null,
+    revoked,
+    signed: {
+      tbs: Buffer.from(der.subarray(tbs.start, tbs.end)),
+      algorithm: algorithmName,
+      pss: algorithmName === RSASSA_PSS && params ? pssParameters(der, params) : null,
+      // BIT STRING: its first content byte counts unused bits (0 for signatures).
+      signature: Buffer.from(der.subarray(signature.body + 1, signature.end)),
+    },
+    der: Buffer.from(der),
   };
 }
 
-/** Whether `ca`'s key signed the CRL (false for a CA of another key type). */
+const RSASSA_PSS = "1.2.840.113549.1.1.10";
+const PSS_HASHES: Record<string, string> = {
+  "1.3.14.3.2.26": "sha1",
+  "2.16.840.1.101.3.4.2.1": "sha256",
+  "2.16.840.1.101.3.4.2.2": "sha384",
+  "2.16.840.1.101.3.4.2.3": "sha512",
+};
+
+/** RSASSA-PSS-params (RFC 4055 §3.1): [0] hashAlgorithm (default SHA-1), [2] saltLength (default 20). */
+function pssParameters(der: Uint8Array, params: Tlv): { hash: string; saltLength: number } {
+  let hash = "sha1";
+  let saltLength = 20;
+  for (const field of params.tag === 0x30 ? children(der, params) : []) {
+    const inner = children(der, field)[0];
+    if (!inner) continue;
+    if (field.tag === 0xa0) {
+      const oid = children(der, inner)[0];
+      hash = (oid && PSS_HASHES[oidOf(der, oid)]) ?? "unsupported";
+    } else if (field.tag === 0xa2 && inner.tag === 0x02) {
+      saltLength = Number.parseInt(Buffer.from(der.subarray(inner.body, inner.end)).toString("hex"), 16);
+    }
+  }
+  return { hash, saltLength };
+}
+
+/** Whether `ca`'s key signed the CRL (false for a CA of another key type, or an algorithm not known). */
 export async function crlSignedBy(crl: Crl, ca: X509Certificate): Promise<boolean> {
-  const x509 = await peculiar();
+  const { tbs, algorithm, pss, signature } = crl.signed;
   try {
-    return await crl.raw.verify({ publicKey: new x509.X509Certificate(new Uint8Array(ca.raw)) });
+    if (pss) {
+      return verify(
+        pss.hash,
+        tbs,
+        { key: ca.publicKey, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: pss.saltLength },
+        signature,
+      );
+    }
+    if (!(algorithm in SIGNATURE_DIGESTS)) return false;
+    return verify(SIGNATURE_DIGESTS[algorithm] ?? null, tbs, ca.publicKey, signature);
   } catch {
-    return false;
+    return false; // a key of another type
   }
 }
 
@@ -315,10 +485,21 @@ export async function crlDistributionPoints(cert: X509Certificate): Promise<stri
 /**
  * Whether OpenSSL takes a CRL signed by `ca`: a CA with a key usage extension must list cRLSign
  * (RFC 5280 §4.2.1.3), or every CRL it signs fails (X509_V_ERR_KEYUSAGE_NO_CRL_SIGN), and with
- * CRL checks on, so does every peer of that CA. Node does not expose the bits; @peculiar does.
+ * CRL checks on, so does every peer of that CA. Node does not expose the bits: they are read from
+ * the certificate's extensions.
  */
 export async function allowsCrlSigning(ca: X509Certificate): Promise<boolean> {
-  const x509 = await peculiar();
-  const usage = new x509.X509Certificate(new Uint8Array(ca.raw)).getExtension(x509.KeyUsagesExtension);
-  return !usage || (usage.usages & x509.KeyUsageFlags.cRLSign) !== 0;
+  const der = ca.raw;
+  const tbs = children(der, tlv(der, 0))[0];
+  const extensions = tbs ? children(der, tbs).find((f) => f.tag === 0xa3) : undefined;
+  const list = extensions ? children(der, extensions)[0] : undefined;
+  for (const extension of list ? children(der, list) : []) {
+    const parts = children(der, extension);
+    if (!parts[0] || oidOf(der, parts[0]) !== "2.5.29.15") continue; // keyUsage
+    const value = parts.at(-1) as Tlv; // OCTET STRING holding a BIT STRING
+    const bits = tlv(der, value.body);
+    const first = der[bits.body + 1] ?? 0; // the byte after the unused-bits count: bits 0-7
+    return (first & 0x02) !== 0; // cRLSign is bit 6: the second lowest of the first byte
+  }
+  return true;
 }
