@@ -4,12 +4,11 @@
 // `ashmesh up` runs it for people; `check`, `edges` and the tests run it too.
 import { type ChildProcess, spawn } from "node:child_process";
 import { createWriteStream, existsSync } from "node:fs";
-import type http from "node:http";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { issueAll } from "../certs-dev/issue-all.js";
 import { DevCa } from "../certs-dev/store.js";
-import { startStandinApp } from "../compose/standin.js";
+import { type Standin, startStandinApp } from "../compose/standin.js";
 import { parseConfig } from "../config/load.js";
 import { localSidecarInput, localTcpSidecarInput, type Mesh, type MeshTcpServer } from "../config/mesh.js";
 import type { ConfigInput } from "../config/schema.js";
@@ -55,14 +54,11 @@ export async function startLocalMesh(
 ): Promise<LocalMesh> {
   const sidecars = new Map<string, Sidecar>();
   const servers = new Map<string, { running: boolean; detail: string }>();
-  const apps: http.Server[] = [];
+  const apps: Standin[] = [];
   const processes: ChildProcess[] = [];
   const stop = async () => {
     await Promise.allSettled([...sidecars.values()].map((s) => s.drain()));
-    for (const a of apps) {
-      a.closeAllConnections();
-      a.close();
-    }
+    for (const a of apps) a.close();
     await Promise.all(processes.map(stopProcess));
   };
   const startSidecar = async (key: string, serviceName: string, input: ConfigInput, first: boolean) => {
@@ -81,14 +77,14 @@ export async function startLocalMesh(
   try {
     for (const [i, s] of mesh.services.entries()) {
       await startSidecar(s.key, s.serviceName, localSidecarInput(mesh, s.key, dir), i === 0);
-      const { server } = await startStandinApp({
+      const app = await startStandinApp({
         mesh,
         key: s.key,
         proxy: `http://${s.local}:${mesh.ports.outbound}`,
         host: s.local,
         port: s.appPort,
       });
-      apps.push(server);
+      apps.push(app);
     }
     for (const server of mesh.tcp) {
       await startSidecar(server.key, server.serviceName, localTcpSidecarInput(mesh, server.key, dir), false);

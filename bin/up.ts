@@ -1,14 +1,15 @@
 // `ashmesh up` (what `npm start` runs): the whole mesh of a mesh file on this machine, without
 // containers. Dev certificates under .ashmesh/pki, one stand-in app and one sidecar per service,
 // each service on its own loopback address so that every sidecar listens on :8443, as in Podman.
-// It sends the entry request, prints every hop with the identities both ends saw, then one
-// round trip to each TCP server (Redis) from each of its clients, through the client's
-// tcp.outbound, and keeps running until Ctrl-C (or exits with --once: 0 when every hop
-// succeeded, 1 otherwise; a TCP server that is not installed is skipped, saying so).
+// It sends the entry request, prints every hop (HTTP, and gRPC through the caller's mapped port)
+// with the identities both ends saw, then one round trip to each TCP server (Redis) from each of
+// its clients, through the client's tcp.outbound, and keeps running until Ctrl-C (or exits with
+// --once: 0 when every hop succeeded, a gRPC one with status OK, 1 otherwise; a TCP server that
+// is not installed is skipped, saying so).
 import { mkdirSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
-import type { HopReport } from "../compose/standin.js";
+import { callSucceeded, GRPC_STATUS_NAMES, type HopCall, type HopReport } from "../compose/standin.js";
 import { loadMesh, type Mesh, type MeshService, type MeshTcpServer, service } from "../config/mesh.js";
 import type { Sidecar } from "../proxy/sidecar.js";
 import { parse } from "./args.js";
@@ -25,27 +26,26 @@ Sidecar logs go to DIR/../logs/<service>.log.`;
 
 interface Hop {
   from: string;
-  to: string;
-  method: string;
-  path: string;
-  status: number;
+  call: HopCall;
   callerSeen: string | null;
-  error?: string;
 }
 
 function flatten(from: string, report: HopReport, out: Hop[]): void {
   for (const call of report.calls) {
-    out.push({
-      from,
-      to: call.to,
-      method: call.method,
-      path: call.path,
-      status: call.status,
-      callerSeen: call.answer?.caller ?? null,
-      ...(call.error ? { error: call.error } : {}),
-    });
+    out.push({ from, call, callerSeen: call.answer?.caller ?? null });
     if (call.answer) flatten(call.to, call.answer, out);
   }
+}
+
+/** What a hop did and how it ended: "POST /api/v1/verify  200", or the gRPC method, the port it went through and its status. */
+function describeHop(caller: MeshService | undefined, callee: MeshService | undefined, call: HopCall) {
+  if (call.protocol !== "grpc") return `${call.method} ${call.path}  ${call.status || "failed"}`;
+  const via = caller && callee ? ` through ${caller.local}:${callee.upstreamPort}` : "";
+  const status =
+    call.grpc_status === null || call.grpc_status === undefined
+      ? `failed${call.status ? ` (HTTP ${call.status})` : ""}`
+      : `grpc-status ${call.grpc_status} ${GRPC_STATUS_NAMES[call.grpc_status] ?? ""}`.trimEnd();
+  return `gRPC ${call.path}${via}  ${status}`;
 }
 
 /** A Redis PING over `host:port` (a client's tcp.outbound): the first reply line, or why none came. */
@@ -163,8 +163,9 @@ export async function main(argv: string[]): Promise<number> {
   if (result.report) flatten(entry.dnsName, result.report, hops);
   let ok = result.status === 200 && hops.length > 0;
   for (const hop of hops) {
+    const { call } = hop;
     const caller = mesh.services.find((s) => s.dnsName === hop.from);
-    const callee = mesh.services.find((s) => s.dnsName === hop.to);
+    const callee = mesh.services.find((s) => s.dnsName === call.to);
     // What each end verified: the callee's sidecar saw the client certificate (inbound edge),
     // the caller's sidecar checked the server certificate (outbound edge).
     const inboundEdge = callee
@@ -177,21 +178,22 @@ export async function main(argv: string[]): Promise<number> {
       ? sidecars
           .get(caller.key)
           ?.edges.list()
-          .find((e) => e.direction === "outbound" && e.dst_identity === hop.to)
+          .find((e) => e.direction === "outbound" && e.dst_identity === call.to)
       : undefined;
     const good =
-      hop.status >= 200 &&
-      hop.status < 300 &&
+      callSucceeded(call) &&
       hop.callerSeen === hop.from &&
       inboundEdge?.src_identity === hop.from &&
-      outboundEdge?.dst_identity === hop.to;
+      outboundEdge?.dst_identity === call.to;
     ok &&= good;
+    // gRPC carries x-forwarded-client-cert as metadata: the same header, read by the server's handler.
+    const xfcc = call.protocol === "grpc" ? "x-forwarded-client-cert metadata" : "x-forwarded-client-cert";
     say(
-      `  ${good ? "✔" : "×"} ${hop.from} → ${hop.to}  ${hop.method} ${hop.path}  ${hop.status || "failed"}\n` +
-        `      client cert seen by ${hop.to}: ${inboundEdge?.src_identity ?? "none"} (app read x-forwarded-client-cert: ${hop.callerSeen ?? "none"})\n` +
+      `  ${good ? "✔" : "×"} ${hop.from} → ${call.to}  ${describeHop(caller, callee, call)}\n` +
+        `      client cert seen by ${call.to}: ${inboundEdge?.src_identity ?? "none"} (app read ${xfcc}: ${hop.callerSeen ?? "none"})\n` +
         `      server cert verified by ${hop.from}'s sidecar: ${outboundEdge?.dst_identity ?? "none"}` +
         `  (${inboundEdge?.tls_version ?? "?"}, ${inboundEdge?.cipher_suite ?? "?"})` +
-        (hop.error ? `\n      error: ${hop.error}` : ""),
+        (call.error ? `\n      error: ${call.error}` : ""),
     );
   }
   if (!result.report) say(`  × the entry request failed: ${result.error ?? `status ${result.status}`}`);

@@ -12,6 +12,7 @@ import { parseArgs } from "node:util";
 import {
   containerSidecarEnv,
   containerTcpSidecarEnv,
+  grpcCallees,
   loadMesh,
   type Mesh,
   type MeshService,
@@ -65,7 +66,9 @@ function appService(mesh: Mesh, s: MeshService): string[] {
   const entry = mesh.entry.service === s.key;
   const lines = [
     `  ${s.key}:`,
-    `    # ${s.serviceName}: the stand-in app (plain HTTP on :${s.appPort}); calls its peers through HTTP_PROXY.`,
+    `    # ${s.serviceName}: the stand-in app (${
+      s.appProtocol === "h2c" ? "HTTP/2 cleartext, gRPC and HTTP," : "plain HTTP"
+    } on :${s.appPort}); calls its peers through HTTP_PROXY${grpcCallees(mesh, s.key).length ? ", gRPC ones on mapped ports" : ""}.`,
     `    container_name: ${scalar(appContainer(s))}`,
     `    image: ${scalar(IMAGE)}`,
     `    entrypoint: ${flow([NODE, `${APP_ROOT}/dist/compose/standin.js`])}`,
@@ -92,11 +95,12 @@ function sidecarService(mesh: Mesh, s: MeshService): string[] {
   const env = containerSidecarEnv(mesh, s.key);
   const calls = [...new Set(s.calls.map((c) => service(mesh, c.to).key))];
   const tcp = tcpServersOf(mesh, s.key).map((server) => `; tcp 127.0.0.1:${server.port} → ${server.key}`);
+  const grpc = grpcCallees(mesh, s.key).map((callee) => `; gRPC 127.0.0.1:${callee.upstreamPort} → ${callee.key}`);
   const lines = [
     `  ${s.key}-sidecar:`,
     `    # ${s.dnsName}'s sidecar: mTLS :${mesh.ports.mtls} → the app; HTTP_PROXY 127.0.0.1:${mesh.ports.outbound} → ${
       calls.length ? calls.join(", ") : "nobody"
-    }${tcp.join("")}; admin :${mesh.ports.admin}.`,
+    }${grpc.join("")}${tcp.join("")}; admin :${mesh.ports.admin}.`,
     `    container_name: ${scalar(sidecarContainer(s))}`,
     `    image: ${scalar(IMAGE)}`,
     "    command: [proxy]",
@@ -159,6 +163,13 @@ function tcpSidecarService(mesh: Mesh, server: MeshTcpServer): string[] {
   return lines;
 }
 
+/** The services some caller reaches over gRPC, with those callers' keys. */
+function grpcServers(mesh: Mesh): Array<{ server: MeshService; callers: string[] }> {
+  return mesh.services
+    .map((server) => ({ server, callers: server.callers.filter((c) => grpcCallees(mesh, c).includes(server)) }))
+    .filter((x) => x.callers.length > 0);
+}
+
 const HEADER = (
   mesh: Mesh,
   meshFile: string,
@@ -173,7 +184,15 @@ const HEADER = (
 #                                  (network_mode: container:<app>): mTLS on :${mesh.ports.mtls}, the app's
 #                                  HTTP_PROXY on 127.0.0.1:${mesh.ports.outbound}, admin on :${mesh.ports.admin}.
 # Only the entry app (${mesh.entry.service}) is published, on 127.0.0.1 of the host.
-#${mesh.tcp
+#${grpcServers(mesh)
+  .map(
+    ({ server, callers }) => `
+# ${server.dnsName}'s app speaks HTTP/2 cleartext (APP_PROTOCOL=h2c): its gRPC methods and
+# its HTTP routes on one port. Its gRPC callers (${callers.join(", ")}) dial 127.0.0.1:${server.upstreamPort} of their own
+# network namespace, a port their sidecar maps to it (OUTBOUND_UPSTREAMS).
+#`,
+  )
+  .join("")}${mesh.tcp
   .map(
     (server) => `
 # ${server.dnsName} is Redis (redis-server on its own 127.0.0.1:${server.port}), with its sidecar's

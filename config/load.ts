@@ -67,10 +67,11 @@ const list = (value: string): string[] =>
     .filter(Boolean);
 
 /**
- * A list of objects in YAML flow style or JSON, as the file would have it: the TCP listeners of a
- * container set by environment only. Unparseable text is left as a string for the schema to refuse.
+ * A list or map of objects in YAML flow style or JSON, as the file would have it: the TCP listeners
+ * and upstreams of a container set by environment only. Unparseable text is left as a string for
+ * the schema to refuse.
  */
-function yamlList(value: string): unknown {
+function yamlValue(value: string): unknown {
   try {
     return parseYaml(value);
   } catch {
@@ -106,6 +107,7 @@ export const ENV_VARS: Record<string, EnvVar> = {
   MTLS_CIPHERS: { field: "tls.ciphers", set: put("tls", "ciphers", list) },
   MTLS_ALLOW: { field: "inbound.allow", set: put("inbound", "allow", list), emptyIsValue: true },
   APP_URL: { field: "inbound.app", set: put("inbound", "app") },
+  APP_PROTOCOL: { field: "inbound.appProtocol", set: put("inbound", "appProtocol", (v) => v.trim().toLowerCase()) },
   OUTBOUND_ENABLED: { field: "outbound.enabled", set: put("outbound", "enabled", bool) },
   OUTBOUND_LISTEN: { field: "outbound.listen", set: put("outbound", "listen", (v) => v || null) },
   OUTBOUND_DESTINATIONS: {
@@ -113,8 +115,9 @@ export const ENV_VARS: Record<string, EnvVar> = {
     set: put("outbound", "destinations", list),
     emptyIsValue: true,
   },
-  TCP_INBOUND: { field: "tcp.inbound", set: put("tcp", "inbound", yamlList) },
-  TCP_OUTBOUND: { field: "tcp.outbound", set: put("tcp", "outbound", yamlList) },
+  OUTBOUND_UPSTREAMS: { field: "outbound.upstreams", set: put("outbound", "upstreams", yamlValue) },
+  TCP_INBOUND: { field: "tcp.inbound", set: put("tcp", "inbound", yamlValue) },
+  TCP_OUTBOUND: { field: "tcp.outbound", set: put("tcp", "outbound", yamlValue) },
   ADMIN_LISTEN: { field: "admin.listen", set: put("admin", "listen") },
   MTLS_CRL_URL: { field: "tls.crlUrl", set: put("tls", "crlUrl", list) },
   // ACME: setting ACME_DIRECTORY turns the section on; the others refine it.

@@ -1,8 +1,8 @@
 // A whole mesh in one file (compose/mesh.yaml): its services, their names and ports, and who
-// calls whom; and its servers that are not HTTP (`tcp`: Redis here), each behind a sidecar's
-// tcp.inbound, with the services that reach them through a tcp.outbound. It is the one source
-// for `certs issue-all`, each sidecar's allow-list, `ashmesh up`, the podman-compose file and
-// `ashmesh check --mesh`.
+// calls whom, over HTTP or gRPC; and its servers that are not HTTP (`tcp`: Redis here), each
+// behind a sidecar's tcp.inbound, with the services that reach them through a tcp.outbound. It is
+// the one source for `certs issue-all`, each sidecar's allow-list, `ashmesh up`, the
+// podman-compose file and `ashmesh check --mesh`.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parse as parseYaml } from "yaml";
@@ -14,12 +14,18 @@ const KEY = /^[a-z][a-z0-9-]*$/;
 
 const call = z.strictObject({
   to: z.string().regex(KEY, "expected a service key of this file"),
+  /** http: through the caller's forward proxy (HTTP_PROXY); grpc: through a port its sidecar maps to the callee. */
+  protocol: z.enum(["http", "grpc"]).default("http"),
+  /** Default GET; a gRPC call is always POST. */
   method: z
     .string()
     .regex(/^[A-Z]+$/, "expected an upper-case HTTP method")
-    .default("GET"),
+    .optional(),
   path: z.string().regex(/^\/\S*$/, "expected an absolute path"),
 });
+
+/** A gRPC method's path: /package.Service/Method. */
+const GRPC_PATH = /^\/[A-Za-z_][\w.]*\/[A-Za-z_]\w*$/;
 
 const serviceSchema = z.strictObject({
   /** SERVICE_NAME, as logs and metrics show it. */
@@ -27,6 +33,13 @@ const serviceSchema = z.strictObject({
   /** Default: <key>.<domain>. */
   dnsName: z.string().optional(),
   appPort: z.number().int().min(1).max(65535),
+  /** What the app speaks on appPort (its sidecar's inbound.appProtocol): h2c to serve gRPC. */
+  appProtocol: z.enum(["http1", "h2c"]).default("http1"),
+  /**
+   * Where its gRPC callers reach it: each one's sidecar maps <the caller's loopback>:upstreamPort
+   * to this service (outbound.upstreams.<key>). Required when a call with protocol: grpc names it.
+   */
+  upstreamPort: z.number().int().min(1).max(65535).optional(),
   /** `ashmesh up`: this service's own loopback address, so that every service can use :8443. */
   local: z.string().refine(isLoopback, "expected an address in 127.0.0.0/8"),
   calls: z.array(call).default([]),
@@ -72,13 +85,23 @@ const meshSchema = z.strictObject({
   }),
 });
 
+export interface MeshCall {
+  to: string;
+  protocol: "http" | "grpc";
+  method: string;
+  path: string;
+}
+
 export interface MeshService {
   key: string;
   serviceName: string;
   dnsName: string;
   appPort: number;
+  appProtocol: "http1" | "h2c";
+  /** The port its gRPC callers' sidecars map to it; null when the file sets none. */
+  upstreamPort: number | null;
   local: string;
-  calls: Array<{ to: string; method: string; path: string }>;
+  calls: MeshCall[];
   /** Keys of the services that call this one: its allow-list. */
   callers: string[];
 }
@@ -140,16 +163,32 @@ export function parseMesh(input: unknown, file = "mesh"): Mesh {
     serviceName: s.serviceName,
     dnsName: s.dnsName ?? `${key}.${m.domain}`,
     appPort: s.appPort,
+    appProtocol: s.appProtocol,
+    upstreamPort: s.upstreamPort ?? null,
     local: s.local,
-    calls: s.calls,
+    calls: s.calls.map((c) => ({
+      to: c.to,
+      protocol: c.protocol,
+      method: c.method ?? (c.protocol === "grpc" ? "POST" : "GET"),
+      path: c.path,
+    })),
     callers: [],
   }));
   const problems: string[] = [];
   for (const s of services) {
-    for (const c of s.calls) {
+    for (const [i, c] of s.calls.entries()) {
       const callee = services.find((x) => x.key === c.to);
       if (!callee) problems.push(`services.${s.key}.calls: "${c.to}" is not a service of this file`);
       else if (!callee.callers.includes(s.key)) callee.callers.push(s.key);
+      if (c.protocol !== "grpc") continue;
+      const at = `services.${s.key}.calls.${i}`;
+      if (c.method !== "POST") problems.push(`${at}.method: a gRPC call is a POST, not ${c.method}`);
+      if (!GRPC_PATH.test(c.path))
+        problems.push(`${at}.path: "${c.path}" is not a gRPC method (expected /package.Service/Method)`);
+      if (callee && callee.appProtocol !== "h2c")
+        problems.push(`${at}: a gRPC call to ${callee.key} needs services.${callee.key}.appProtocol: h2c`);
+      if (callee && callee.upstreamPort === null)
+        problems.push(`${at}: a gRPC call to ${callee.key} needs services.${callee.key}.upstreamPort`);
     }
   }
   const tcp: MeshTcpServer[] = Object.entries(m.tcp).map(([key, s]) => ({
@@ -168,6 +207,21 @@ export function parseMesh(input: unknown, file = "mesh"): Mesh {
     for (const c of server.clients)
       if (!services.some((s) => s.key === c))
         problems.push(`tcp.${server.key}.clients: "${c}" is not a service of this file`);
+  }
+  // A caller's mapped ports live on its loopback (in Podman, the app's network namespace) beside
+  // the sidecar's own listeners and the TCP servers' local ports: one number, one listener.
+  const taken = new Map<number, string>([
+    [m.ports.mtls, "ports.mtls"],
+    [m.ports.admin, "ports.admin"],
+    [m.ports.outbound, "ports.outbound"],
+    ...services.map((s) => [s.appPort, `services.${s.key}.appPort`] as [number, string]),
+    ...tcp.map((s) => [s.port, `tcp.${s.key}.port`] as [number, string]),
+  ]);
+  for (const s of services) {
+    if (s.upstreamPort === null) continue;
+    const other = taken.get(s.upstreamPort);
+    if (other) problems.push(`services.${s.key}.upstreamPort: ${s.upstreamPort} is already ${other}`);
+    taken.set(s.upstreamPort, `services.${s.key}.upstreamPort`);
   }
   const locals = new Map<string, string>();
   for (const s of [...services, ...tcp]) {
@@ -219,12 +273,14 @@ export function localSidecarInput(mesh: Mesh, key: string, pkiDir: string): Conf
     inbound: {
       listen: `${s.local}:${mesh.ports.mtls}`,
       app: `http://${s.local}:${s.appPort}`,
+      appProtocol: s.appProtocol,
       allow: s.callers.map((c) => service(mesh, c).dnsName),
     },
     outbound: {
       listen: `${s.local}:${mesh.ports.outbound}`,
       destinations: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))],
       resolve,
+      upstreams: grpcUpstreams(mesh, key, s.local),
     },
     admin: { listen: `${s.local}:${mesh.ports.admin}` },
     // Each TCP server it is a client of, on its own address at the server's port (the server's own
@@ -238,6 +294,30 @@ export function localSidecarInput(mesh: Mesh, key: string, pkiDir: string): Conf
       })),
     },
   };
+}
+
+/** The services `key` calls over gRPC. */
+export function grpcCallees(mesh: Mesh, key: string): MeshService[] {
+  const keys = new Set(service(mesh, key).calls.flatMap((c) => (c.protocol === "grpc" ? [c.to] : [])));
+  return [...keys].map((k) => service(mesh, k));
+}
+
+/**
+ * The outbound.upstreams of `key`'s sidecar: each service it calls over gRPC on `host` (its
+ * loopback) at that service's upstreamPort, to the service's inbound. A gRPC client wants a
+ * plain host:port to dial (cleartext HTTP/2, prior knowledge), not an HTTP proxy.
+ */
+export function grpcUpstreams(
+  mesh: Mesh,
+  key: string,
+  host: string,
+): Record<string, { listen: string; target: string }> {
+  return Object.fromEntries(
+    grpcCallees(mesh, key).map((callee) => [
+      callee.key,
+      { listen: `${host}:${callee.upstreamPort}`, target: `${callee.dnsName}:${mesh.ports.mtls}` },
+    ]),
+  );
 }
 
 /** The TCP servers `key` is a client of. */
@@ -298,12 +378,21 @@ export function containerSidecarEnv(mesh: Mesh, key: string): Record<string, str
     MTLS_MIN_TLS_VERSION: "TLSv1.3",
     MTLS_ALLOW: s.callers.map((c) => service(mesh, c).dnsName).join(","),
     APP_URL: `http://127.0.0.1:${s.appPort}`,
+    // Only where it differs from the default, so that a plain HTTP service's environment is the seed's.
+    ...(s.appProtocol === "h2c" ? { APP_PROTOCOL: "h2c" } : {}),
     OUTBOUND_LISTEN: `127.0.0.1:${mesh.ports.outbound}`,
     OUTBOUND_DESTINATIONS: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))].join(","),
+    ...upstreamsEnv(mesh, key),
     ...tcpOutboundEnv(mesh, key),
     ADMIN_LISTEN: `0.0.0.0:${mesh.ports.admin}`,
     LOG_LEVEL: "info",
   };
+}
+
+/** OUTBOUND_UPSTREAMS of a gRPC caller: each callee on the app's loopback, to its sidecar by DNS name. */
+function upstreamsEnv(mesh: Mesh, key: string): Record<string, string> {
+  const upstreams = grpcUpstreams(mesh, key, "127.0.0.1");
+  return Object.keys(upstreams).length ? { OUTBOUND_UPSTREAMS: JSON.stringify(upstreams) } : {};
 }
 
 /** TCP_OUTBOUND of a client of TCP servers: each on the app's loopback at the server's port, to its sidecar by DNS name. */

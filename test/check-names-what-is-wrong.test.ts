@@ -41,6 +41,11 @@ t.test("check --mesh: √ on a healthy mesh, × naming the sidecar that accepts 
   t.equal(ok.code, 0, ok.code === 0 ? "exit 0" : ok.out + ok.err);
   t.match(ok.out, /√ gateway → auth: TLS with auth\.ashchan\.local verified, gateway\.ashchan\.local allowed/);
   t.match(ok.out, /√ boards → moderation/);
+  // search's app speaks h2c (it serves gRPC): check's HTTP/1.1 probe still gets its answer.
+  t.match(
+    ok.out,
+    /√ boards → search: TLS with search\.ashchan\.local verified, boards\.ashchan\.local allowed \(HTTP 200\)/,
+  );
   t.match(ok.out, /√ auth: a client without a certificate is refused/);
   t.match(ok.out, /√ auth: boards \(not a caller\) gets 403/);
   t.match(ok.out, /Status check results are √/);

@@ -137,6 +137,33 @@ t.test("a bad environment value is named by its variable", async (t) => {
     message(() => parseConfig(base, { env: { MTLS_VERIFY_CLIENT: "maybe" } })),
     /MTLS_VERIFY_CLIENT \(inbound\.verifyClient\)="maybe" is not valid/,
   );
+  t.match(
+    message(() => parseConfig(base, { env: { APP_PROTOCOL: "h3" } })),
+    /APP_PROTOCOL \(inbound\.appProtocol\)="h3" is not valid: .*"http1".*"h2c"/,
+  );
+  t.match(
+    message(() => parseConfig(base, { env: { OUTBOUND_UPSTREAMS: '{search: {listen: "0.0.0.0:15005"}}' } })),
+    /OUTBOUND_UPSTREAMS \(outbound\.upstreams\.search\.listen\)=.* is not valid: the outbound listener must bind to a loopback address/,
+  );
+});
+
+t.test("APP_PROTOCOL and OUTBOUND_UPSTREAMS: a gRPC server's app, and a gRPC caller's mapped ports", async (t) => {
+  const c = parseConfig(base, {
+    env: {
+      APP_PROTOCOL: "H2C",
+      OUTBOUND_UPSTREAMS: '{search: {listen: "127.0.0.1:15005", target: "search.ashchan.local:8443"}}',
+    },
+  });
+  t.equal(c.inbound.appProtocol, "h2c");
+  t.match(c.outbound.upstreams, {
+    search: { listen: { host: "127.0.0.1", port: 15005 }, target: "search.ashchan.local:8443" },
+  });
+  const json = parseConfig(base, {
+    env: {
+      OUTBOUND_UPSTREAMS: JSON.stringify({ auth: { listen: "127.0.0.1:15002", target: "auth.ashchan.local:8443" } }),
+    },
+  });
+  t.same(Object.keys(json.outbound.upstreams), ["auth"], "JSON too");
 });
 
 t.test("files: YAML or JSON, paths relative to the file, unreadable and malformed files named", async (t) => {

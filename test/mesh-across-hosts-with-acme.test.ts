@@ -15,7 +15,7 @@ import tls from "node:tls";
 import t from "tap";
 import { request } from "undici";
 import type { HopReport } from "../compose/standin.js";
-import { loadMesh, service } from "../config/mesh.js";
+import { grpcUpstreams, loadMesh, service } from "../config/mesh.js";
 import { eventually, sample, sleep } from "./lib/mesh.js";
 import { lan, namespacesUnavailable } from "./lib/netns.js";
 import { challtestsrvTool, crlServer, crlSigners, infraCa, pebbleTool, startPebble } from "./lib/pebble.js";
@@ -118,11 +118,14 @@ t.test(
           inbound: {
             listen: `${address(s.key)}:${mesh.ports.mtls}`,
             app: `http://${s.local}:${s.appPort}`,
+            appProtocol: s.appProtocol,
             allow: s.callers.map((c) => service(mesh, c).dnsName),
           },
           outbound: {
             listen: `${s.local}:${mesh.ports.outbound}`,
             destinations: [...new Set(s.calls.map((c) => service(mesh, c.to).dnsName))],
+            // boards reaches search's gRPC service on a mapped port, as in the mesh file.
+            upstreams: grpcUpstreams(mesh, s.key, s.local),
           },
           admin: { listen: `${address(s.key)}:${mesh.ports.admin}` },
           acme: {

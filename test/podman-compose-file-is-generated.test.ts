@@ -4,13 +4,15 @@
 // published and only on the host's loopback, identity files are mounted read-only and the CA's
 // own key never is, the allow-lists and destinations are the mesh file's edges; a TCP server
 // (Redis) listens on its own loopback only, behind its sidecar's tcp.inbound, which allows
-// exactly its clients, whose sidecars reach it through a tcp.outbound on their loopback.
+// exactly its clients, whose sidecars reach it through a tcp.outbound on their loopback; a gRPC
+// server's sidecar speaks h2c to its app (APP_PROTOCOL), and each of its gRPC callers' sidecars
+// maps a port on the caller's loopback to it (OUTBOUND_UPSTREAMS).
 import { readFileSync } from "node:fs";
 import t from "tap";
 import { parse } from "yaml";
 import { COMPOSE_FILE, generateCompose, MESH_FILE } from "../compose/generate-compose.js";
 import { parseConfig } from "../config/load.js";
-import { loadMesh, service, tcpServersOf } from "../config/mesh.js";
+import { grpcCallees, loadMesh, service, tcpServersOf } from "../config/mesh.js";
 import type { ConfigInput } from "../config/schema.js";
 
 interface ComposeService {
@@ -116,7 +118,23 @@ t.test("what the generator makes keeps the mesh's properties", async (t) => {
       })),
       `${s.key}: a tcp.outbound on its loopback to each TCP server it is a client of, and no other`,
     );
+    t.equal(env.APP_PROTOCOL, s.appProtocol === "h2c" ? "h2c" : undefined, `${s.key}: what its app speaks`);
+    t.same(
+      JSON.parse(env.OUTBOUND_UPSTREAMS ?? "{}"),
+      Object.fromEntries(
+        grpcCallees(mesh, s.key).map((callee) => [
+          callee.key,
+          { listen: `127.0.0.1:${callee.upstreamPort}`, target: `${callee.dnsName}:${mesh.ports.mtls}` },
+        ]),
+      ),
+      `${s.key}: a mapped port on its loopback to each service it calls over gRPC, and no other`,
+    );
   }
+  const search = doc.services["search-sidecar"] as ComposeService;
+  t.equal(search.environment.APP_PROTOCOL, "h2c", "search's app serves gRPC: its sidecar speaks HTTP/2 to it");
+  t.same(JSON.parse((doc.services["boards-sidecar"] as ComposeService).environment.OUTBOUND_UPSTREAMS ?? "{}"), {
+    search: { listen: "127.0.0.1:15005", target: "search.ashchan.local:8443" },
+  });
 
   t.ok(mesh.tcp.length > 0, "the mesh has a TCP server");
   for (const server of mesh.tcp) {
@@ -162,6 +180,12 @@ t.test("every sidecar's environment is a configuration the sidecar accepts", asy
   const redis = parseConfig({}, { env: (doc.services["redis-sidecar"] as ComposeService).environment });
   t.match(redis, { inbound: { enabled: false }, outbound: { enabled: false } });
   t.match(redis.tcp.inbound, [{ name: "redis", listen: { host: "0.0.0.0", port: 6380 }, target: "127.0.0.1:6379" }]);
+  const search = parseConfig({}, { env: (doc.services["search-sidecar"] as ComposeService).environment });
+  t.equal(search.inbound.appProtocol, "h2c", "APP_PROTOCOL sets inbound.appProtocol");
+  const boards = parseConfig({}, { env: (doc.services["boards-sidecar"] as ComposeService).environment });
+  t.match(boards.outbound.upstreams, {
+    search: { listen: { host: "127.0.0.1", port: 15005 }, target: "search.ashchan.local:8443", pin: null },
+  });
 });
 
 t.test("a change in the mesh file changes the compose file", async (t) => {

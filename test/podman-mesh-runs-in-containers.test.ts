@@ -4,6 +4,10 @@
 // with its sidecar in the app's network namespace, and Redis (an image built from this machine's
 // redis-server) with its sidecar. Then, from the outside:
 // - a post crosses every edge of the mesh file, and each app sees its caller's verified identity;
+//   boards has search index it over gRPC (its app dials 127.0.0.1:15005, which its sidecar maps to
+//   search, whose sidecar speaks h2c to search's app);
+// - search's gRPC method answers boards' identity and refuses a trusted identity that is not its
+//   caller with PERMISSION_DENIED; its HTTP route, on the same h2c app, answers an HTTP/1.1 caller;
 // - boards' app reaches Redis on its own 127.0.0.1:6379, through its sidecar's tcp.outbound and
 //   Redis's sidecar's tcp.inbound; from the mesh network, no certificate, a foreign CA or a trusted
 //   identity that is not a client gets no byte from Redis, and Redis sees no connection;
@@ -27,6 +31,7 @@ import {
   buildRedisImage,
   compose,
   freePort,
+  grpcProbe,
   type ProbeStep,
   podmanEnv,
   podmanRun,
@@ -50,7 +55,15 @@ interface HopReport {
   served_by: string;
   caller: string | null;
   xfcc: string | null;
-  calls: Array<{ to: string; status: number; error?: string; answer?: HopReport }>;
+  calls: Array<{
+    to: string;
+    path: string;
+    protocol: "http" | "grpc";
+    status: number;
+    grpc_status?: number | null;
+    error?: string;
+    answer?: HopReport;
+  }>;
 }
 
 async function logsOf(container: string): Promise<string> {
@@ -167,6 +180,18 @@ t.test("the mesh in Podman containers", { skip: podmanSkip || redisServer.skip }
     walk(report);
     const expected = mesh.services.flatMap((s) => s.calls.map((c) => `${s.dnsName} -> ${service(mesh, c.to).dnsName}`));
     t.same(seen.sort(), expected.sort(), "every edge of the mesh file, and only those");
+    const boards = report.calls.find((c) => c.to === service(mesh, "boards").dnsName)?.answer;
+    t.match(
+      boards?.calls.find((c) => c.to === service(mesh, "search").dnsName),
+      {
+        protocol: "grpc",
+        path: "/ashchan.search.v1.Indexer/IndexPost",
+        status: 200,
+        grpc_status: 0,
+        answer: { served_by: "search.ashchan.local", caller: "boards.ashchan.local" },
+      },
+      "boards → search is a gRPC call, OK, and search's app read boards in its metadata",
+    );
 
     const log = await logsOf(sidecarName(service(mesh, "auth").dnsName));
     const handshake = log
@@ -252,6 +277,61 @@ t.test("the mesh in Podman containers", { skip: podmanSkip || redisServer.skip }
       "unknown_ca counted",
     );
     t.ok(sample(text, "mtls_authz_denied_total", { identity: "search.ashchan.local" }) >= 1, "the 403 counted");
+  });
+
+  await t.test("search's gRPC method: boards may call it, the gateway gets PERMISSION_DENIED", async (t) => {
+    const trustCa = readFileSync(DevCa.paths(pkiDir).trustCa, "utf8");
+    const search = service(mesh, "search");
+    const creds = (key: string) => {
+      const f = ca.identityFiles(service(mesh, key).dnsName);
+      return { ca: trustCa, cert: readFileSync(f.cert, "utf8"), key: readFileSync(f.key, "utf8") };
+    };
+    const call = { host: search.dnsName, port: mesh.ports.mtls, path: "/ashchan.search.v1.Indexer/IndexPost" };
+    const [asBoards, asGateway] = await grpcProbe(network, [
+      { name: "boards", ...call, tls: creds("boards"), message: '{"from":"boards"}' },
+      { name: "gateway", ...call, tls: creds("gateway"), message: '{"from":"gateway"}' },
+    ]);
+    t.match(asBoards, { status: 200, grpcStatus: 0, error: null }, "boards' identity: OK");
+    t.match(JSON.parse(asBoards?.message || "{}"), { served_by: search.dnsName, caller: "boards.ashchan.local" });
+    t.match(
+      asGateway,
+      { status: 200, grpcStatus: 7, message: "" },
+      "the gateway's (trusted, not a caller): PERMISSION_DENIED",
+    );
+    t.match(
+      asGateway?.grpcMessage,
+      /gateway\.ashchan\.local may not call POST \/ashchan\.search\.v1\.Indexer\/IndexPost/,
+    );
+
+    // search's HTTP routes are served by the same h2c app: an HTTP/1.1 caller's request is handed
+    // on as HTTP/2 by search's sidecar.
+    const [health] = await probe(network, [
+      {
+        name: "boards -> search /health over HTTP/1.1",
+        host: search.dnsName,
+        port: mesh.ports.mtls,
+        tls: creds("boards"),
+        send: request("GET", search.dnsName, "/health"),
+      },
+    ]);
+    t.match(health?.firstLine, /^HTTP\/1\.1 200 /, "HTTP/1.1 in, HTTP/2 to the app");
+    t.match(health?.body, /"service":"search-indexing"/);
+
+    const [metrics] = await probe(network, [
+      {
+        name: "metrics",
+        host: search.dnsName,
+        port: mesh.ports.admin,
+        send: request("GET", search.dnsName, "/metrics"),
+      },
+    ]);
+    const text = metrics?.body ?? "";
+    t.ok(
+      sample(text, "mtls_requests_total", { direction: "inbound", peer: "boards.ashchan.local", protocol: "grpc" }) >=
+        2,
+      "search's sidecar counted boards' gRPC calls (the post's and this one) as protocol=grpc",
+    );
+    t.ok(sample(text, "mtls_authz_denied_total", { identity: "gateway.ashchan.local" }) >= 1, "the refusal counted");
   });
 
   await t.test("boards reaches Redis through its tcp.outbound; nobody else reaches it", async (t) => {

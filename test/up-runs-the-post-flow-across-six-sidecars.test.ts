@@ -1,5 +1,6 @@
 // `ashmesh up --once` (what `npm start` runs, without --once): the seed's post flow crosses the
-// six services, and every hop shows the identity each end verified.
+// six services, and every hop shows the identity each end verified; boards has search index the
+// post over gRPC, through the port its sidecar maps to search.
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -22,10 +23,9 @@ t.test("the post crosses gateway, auth, boards, media, moderation and search", a
     ["gateway", "boards", "POST /api/v1/posts"],
     ["boards", "media", "GET /api/v1/media/abc123"],
     ["boards", "moderation", "POST /api/v1/score"],
-    ["boards", "search", "POST /api/v1/index"],
   ];
   for (const [from, to, call] of hops) {
-    const line = new RegExp(`✔ ${from}\\.ashchan\\.local → ${to}\\.ashchan\\.local  ${call}  200`);
+    const line = new RegExp(`✔ ${from}\\.ashchan\\.local → ${to}\\.ashchan\\.local  ${call}  200\n`);
     t.match(first.out, line, `${from} → ${to}`);
     t.match(first.out, new RegExp(`client cert seen by ${to}\\.ashchan\\.local: ${from}\\.ashchan\\.local`));
     t.match(
@@ -33,6 +33,17 @@ t.test("the post crosses gateway, auth, boards, media, moderation and search", a
       new RegExp(`server cert verified by ${from}\\.ashchan\\.local's sidecar: ${to}\\.ashchan\\.local`),
     );
   }
+  t.match(
+    first.out,
+    /✔ boards\.ashchan\.local → search\.ashchan\.local {2}gRPC \/ashchan\.search\.v1\.Indexer\/IndexPost through 127\.0\.10\.3:15005 {2}grpc-status 0 OK\n/,
+    "boards → search over gRPC",
+  );
+  t.match(
+    first.out,
+    /client cert seen by search\.ashchan\.local: boards\.ashchan\.local \(app read x-forwarded-client-cert metadata: boards\.ashchan\.local\)/,
+    "search's app read the caller in the call's metadata",
+  );
+  t.match(first.out, /server cert verified by boards\.ashchan\.local's sidecar: search\.ashchan\.local/);
   t.match(first.out, /TLSv1\.3, TLS_AES_256_GCM_SHA384/);
   if (redisServer.path) {
     t.match(

@@ -145,6 +145,11 @@ const one = (s) => new Promise((done) => {
 
 /** Runs the steps one after another from a fresh container on `network`. */
 export async function probe(network: string, steps: ProbeStep[]): Promise<ProbeResult[]> {
+  return runProbe(network, PROBE, steps) as Promise<ProbeResult[]>;
+}
+
+/** A Node script of ours in the image, with PROBE_STEPS in its environment; its stdout is JSON. */
+async function runProbe(network: string, script: string, steps: unknown[]): Promise<unknown[]> {
   const r = await podmanRun(
     [
       "run",
@@ -160,12 +165,75 @@ export async function probe(network: string, steps: ProbeStep[]): Promise<ProbeR
       "/usr/local/bin/node",
       IMAGE,
       "-e",
-      PROBE,
+      script,
     ],
     { env: podmanEnv({ PROBE_STEPS: JSON.stringify(steps) }), timeoutMs: 120_000 },
   );
   if (r.code !== 0) throw new Error(`the probe container failed (exit ${r.code}): ${r.output.slice(0, 2000)}`);
-  return JSON.parse(r.stdout) as ProbeResult[];
+  return JSON.parse(r.stdout) as unknown[];
+}
+
+export interface GrpcProbeStep {
+  name: string;
+  host: string;
+  port: number;
+  /** mTLS to a sidecar's inbound (servername = host), ALPN h2. */
+  tls: { cert: string; key: string; ca: string };
+  /** The gRPC method, /package.Service/Method. */
+  path: string;
+  /** The one request message (unary), as UTF-8 bytes. */
+  message: string;
+}
+
+export interface GrpcProbeResult {
+  name: string;
+  /** The HTTP/2 :status; 0 when no answer came. */
+  status: number;
+  /** grpc-status from the trailers, or from the headers of a Trailers-Only answer; null when none. */
+  grpcStatus: number | null;
+  grpcMessage: string;
+  /** The first answer message, as UTF-8. */
+  message: string;
+  error: string | null;
+}
+
+// A unary gRPC call written with node:http2, as the stand-in makes it (the image has no gRPC library).
+const GRPC_PROBE = `
+const http2 = require("node:http2");
+const steps = JSON.parse(process.env.PROBE_STEPS);
+const one = (s) => new Promise((done) => {
+  const out = { name: s.name, status: 0, grpcStatus: null, grpcMessage: "", message: "", error: null };
+  const session = http2.connect("https://" + s.host + ":" + s.port, { servername: s.host, ...s.tls });
+  session.on("error", (e) => { out.error = out.error || e.code || e.message; });
+  const body = Buffer.from(s.message), head = Buffer.alloc(5);
+  head.writeUInt32BE(body.length, 1);
+  const stream = session.request({ ":method": "POST", ":path": s.path, "content-type": "application/grpc", te: "trailers" });
+  const chunks = [];
+  let headers = {}, trailers = {};
+  const timer = setTimeout(() => { out.error = out.error || "timeout"; stream.destroy(); }, 8000);
+  stream.on("response", (h) => { headers = h; out.status = Number(h[":status"]); });
+  stream.on("trailers", (h) => { trailers = h; });
+  stream.on("data", (d) => chunks.push(d));
+  stream.on("error", (e) => { out.error = out.error || e.code || e.message; });
+  stream.on("close", () => {
+    clearTimeout(timer);
+    const status = trailers["grpc-status"] ?? headers["grpc-status"];
+    out.grpcStatus = status === undefined ? null : Number(status);
+    out.grpcMessage = decodeURIComponent(String(trailers["grpc-message"] ?? headers["grpc-message"] ?? ""));
+    const data = Buffer.concat(chunks);
+    out.message = data.length >= 5 ? data.subarray(5, 5 + data.readUInt32BE(1)).toString("utf8") : "";
+    session.close();
+    done(out);
+  });
+  stream.end(Buffer.concat([head, body]));
+});
+(async () => { const out = []; for (const s of steps) out.push(await one(s));
+  process.stdout.write(JSON.stringify(out)); })();
+`;
+
+/** Runs unary gRPC calls one after another from a fresh container on `network`. */
+export async function grpcProbe(network: string, steps: GrpcProbeStep[]): Promise<GrpcProbeResult[]> {
+  return runProbe(network, GRPC_PROBE, steps) as Promise<GrpcProbeResult[]>;
 }
 
 export const request = (method: string, host: string, path: string) =>
