@@ -193,6 +193,7 @@ export class H2Transport implements Transport {
     let stream: ClientHttp2Stream | null = null;
     let aborted: Error | null = null;
     let settled = false;
+    let responded = false;
     const fail = (err: unknown) => {
       if (settled) return;
       settled = true;
@@ -212,35 +213,38 @@ export class H2Transport implements Transport {
         stream = s;
         s.once("close", () => this.done());
         let trailers: string[] = [];
-        let responded = false;
         s.setTimeout(req.timeoutMs, () => {
           fail(transportError("UND_ERR_HEADERS_TIMEOUT", `no answer within ${req.timeoutMs} ms`));
           s.close(http2.constants.NGHTTP2_CANCEL);
         });
+        // Node emits "response" a tick after the HEADERS frame, so DATA (and the end) may already
+        // be queued: the body is read only once the head is relayed, or the relay would write a
+        // default head and then throw on the real one.
         s.on("response", (headers) => {
           const status = Number(headers[":status"]);
           if (status < 200) return;
           responded = true;
           handler.onResponse(status, flatten(headers));
-        });
-        s.on("data", (chunk: Buffer) => {
-          if (!handler.onData(chunk)) s.pause();
+          s.on("data", (chunk: Buffer) => {
+            if (!handler.onData(chunk)) s.pause();
+          });
+          s.on("end", () => {
+            if (settled) return;
+            settled = true;
+            handler.onEnd(trailers);
+          });
         });
         s.on("trailers", (headers) => {
           trailers = flatten(headers);
         });
-        s.on("end", () => {
-          // A stream that ends before any response (the connection closed under it: a peer that
-          // refused our certificate after the handshake) is a failure, never an empty 200.
-          if (!responded) return fail(transportError("UND_ERR_SOCKET", "the connection closed before an answer"));
-          if (settled) return;
-          settled = true;
-          handler.onEnd(trailers);
-        });
         s.on("error", fail);
         s.on("close", () => {
-          // Reset by the server (or by us) before the end: the exchange failed.
-          if (!settled) fail(aborted ?? transportError("UND_ERR_SOCKET", `stream closed (code ${s.rstCode})`));
+          // Reset by the server (or by us) before the end: the exchange failed. A stream that closes
+          // before any response (a peer that refused our certificate after the handshake) is a
+          // failure too, never an empty 200.
+          if (settled) return;
+          const why = responded ? `stream closed (code ${s.rstCode})` : "the connection closed before an answer";
+          fail(aborted ?? transportError("UND_ERR_SOCKET", why));
         });
         if (req.body) {
           req.body.pipe(s);
@@ -253,7 +257,9 @@ export class H2Transport implements Transport {
       },
     );
     return {
-      resume: () => stream?.resume(),
+      resume: () => {
+        if (responded) stream?.resume();
+      },
       abort: (err) => {
         aborted = err;
         settled = true;
