@@ -7,6 +7,8 @@
 //   Requests beyond `maxInFlight` outstanding are dropped and counted, never silently delayed.
 // closed loop: `connections` workers each send the next request when the previous one is
 //   answered, for the maximum throughput when wrk is not installed.
+// Both send HTTP/1.1 GETs over a keep-alive pool, or gRPC unary calls (bench/grpc.ts) when the
+// target says so: the schedule and the counting are the same whatever carries the request.
 import { pathToFileURL } from "node:url";
 import type { Dispatcher } from "undici";
 import { Pool } from "undici";
@@ -19,6 +21,8 @@ export interface Target {
   path: string;
   /** Host header (for the forward proxy: the destination's name). */
   host: string;
+  /** "grpc": unary calls of bench/grpc.ts's method over one HTTP/2 channel to `origin`. Default: HTTP/1.1. */
+  protocol?: "http1" | "grpc";
 }
 
 export interface OpenLoopSpec {
@@ -84,9 +88,21 @@ export interface ClosedLoopResult {
   generatorCpu: number;
 }
 
-const TIMEOUT_CODES = new Set(["UND_ERR_HEADERS_TIMEOUT", "UND_ERR_BODY_TIMEOUT", "UND_ERR_CONNECT_TIMEOUT"]);
+const TIMEOUT_CODES = new Set([
+  "UND_ERR_HEADERS_TIMEOUT",
+  "UND_ERR_BODY_TIMEOUT",
+  "UND_ERR_CONNECT_TIMEOUT",
+  "GRPC_DEADLINE_EXCEEDED",
+]);
 
-type Done = (status: number, error: Error | null) => void;
+/** Called once per request: the HTTP status (200 for a gRPC OK), or an error whose `code` names it. */
+export type Done = (status: number, error: Error | null) => void;
+
+/** How a run sends one request, whatever the protocol. */
+export interface Sender {
+  send(done: Done): void;
+  close(): Promise<void>;
+}
 
 /** undici's raw handler: no header parsing, no body stream; the body is read and dropped. */
 class Exchange implements Dispatcher.DispatchHandler {
@@ -119,17 +135,31 @@ function makePool(target: Target, connections: number, timeoutMs: number): Pool 
   });
 }
 
-function send(pool: Pool, target: Target, timeoutMs: number, done: Done): void {
-  pool.dispatch(
-    {
-      method: "GET",
-      path: target.path,
-      headers: ["host", target.host],
-      headersTimeout: timeoutMs,
-      bodyTimeout: timeoutMs,
-    },
-    new Exchange(done),
-  );
+function httpSender(target: Target, connections: number, timeoutMs: number): Sender {
+  const pool = makePool(target, connections, timeoutMs);
+  return {
+    send: (done) =>
+      pool.dispatch(
+        {
+          method: "GET",
+          path: target.path,
+          headers: ["host", target.host],
+          headersTimeout: timeoutMs,
+          bodyTimeout: timeoutMs,
+        },
+        new Exchange(done),
+      ),
+    close: () => pool.destroy().catch(() => undefined),
+  };
+}
+
+/** gRPC is loaded only when asked for: HTTP runs need nothing but undici. */
+async function senderFor(target: Target, connections: number, timeoutMs: number): Promise<Sender> {
+  if (target.protocol === "grpc") {
+    const { grpcSender } = await import("./grpc.js");
+    return grpcSender(target, timeoutMs);
+  }
+  return httpSender(target, connections, timeoutMs);
 }
 
 function errorCode(err: Error): string {
@@ -143,7 +173,7 @@ function cpuShare(startCpu: NodeJS.CpuUsage, startWall: number): number {
 
 export async function openLoop(spec: OpenLoopSpec): Promise<OpenLoopResult> {
   const { target, rate, timeoutMs } = spec;
-  const pool = makePool(target, spec.connections, timeoutMs);
+  const sender = await senderFor(target, spec.connections, timeoutMs);
   const interval = 1000 / rate;
   const warmupCount = Math.round(spec.warmupS * rate);
   const total = warmupCount + Math.round(spec.durationS * rate);
@@ -199,7 +229,7 @@ export async function openLoop(spec: OpenLoopSpec): Promise<OpenLoopResult> {
     }
     inFlight++;
     if (inWindow) result.sent++;
-    send(pool, target, timeoutMs, (status, err) => {
+    sender.send((status, err) => {
       if (finished) return;
       const end = performance.now();
       inFlight--;
@@ -253,7 +283,7 @@ export async function openLoop(spec: OpenLoopSpec): Promise<OpenLoopResult> {
   finished = true;
   result.timeouts += inFlight;
   result.generatorCpu = cpuShare(cpu0, wall0);
-  await pool.destroy().catch(() => undefined);
+  await sender.close();
 
   result.latency = summarize(latencies, result.ok);
   result.serviceLatency = summarize(service, result.ok);
@@ -272,7 +302,7 @@ export async function openLoop(spec: OpenLoopSpec): Promise<OpenLoopResult> {
 
 export async function closedLoop(spec: ClosedLoopSpec): Promise<ClosedLoopResult> {
   const { target, timeoutMs } = spec;
-  const pool = makePool(target, spec.connections, timeoutMs);
+  const sender = await senderFor(target, spec.connections, timeoutMs);
   const capacity = Math.ceil(spec.durationS * 200_000);
   const latencies = new Float64Array(Math.min(capacity, 5_000_000));
   const result: ClosedLoopResult = {
@@ -294,7 +324,7 @@ export async function closedLoop(spec: ClosedLoopSpec): Promise<ClosedLoopResult
       const loop = () => {
         const started = performance.now();
         if (started >= windowEnd) return resolve();
-        send(pool, target, timeoutMs, (status, err) => {
+        sender.send((status, err) => {
           const end = performance.now();
           result.totalCompleted++;
           if (started >= windowStart && end <= windowEnd) {
@@ -311,7 +341,7 @@ export async function closedLoop(spec: ClosedLoopSpec): Promise<ClosedLoopResult
     });
   await Promise.all(Array.from({ length: spec.connections }, worker));
   result.generatorCpu = cpuShare(cpu0, wall0);
-  await pool.destroy().catch(() => undefined);
+  await sender.close();
   result.latency = summarize(latencies, result.ok);
   result.throughput = result.ok / spec.durationS;
   return result;

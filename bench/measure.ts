@@ -1,9 +1,11 @@
 // The measurements, one function per kind of row: latency at fixed rates (open loop), maximum
 // throughput (closed loop), new mTLS connections per second, the CPU each costs, and memory. They
 // run against a stack that is already up and fill in a BenchReport; report.ts turns it into text.
+// The protocol rows (protocols.ts) use the same fixed-rate matrix and CPU meter for gRPC.
 import os from "node:os";
 import { fileURLToPath } from "node:url";
 import { CALLER, LOAD_CORE, type PathSetup, PROXY_CORE } from "./contenders.js";
+import { findHaproxy } from "./haproxy.js";
 import type { ClosedLoopResult, LoadSpec, OpenLoopResult, Target } from "./load.js";
 import { findNginx } from "./nginx.js";
 import {
@@ -16,8 +18,8 @@ import {
   memory,
   type Procs,
 } from "./procs.js";
-import { type BenchReport, type MemoryRow, PATH_LABELS, type PathId, sustained } from "./report.js";
-import type { Stack } from "./stack.js";
+import { type BenchReport, type MemoryRow, PATH_LABELS, type PathId, type RateRun, sustained } from "./report.js";
+import { PROTOCOL_TOOLS, type Stack } from "./stack.js";
 import { findTool, handshakes, version, wrk } from "./tools.js";
 
 const LOAD = fileURLToPath(new URL("load.js", import.meta.url));
@@ -62,6 +64,11 @@ export function newReport(o: MeasureOptions): BenchReport {
     throughput: [],
     handshakes: [],
     memory: [],
+    memoryAfterRate: null,
+    protocols: { h2: [], grpc: [], tcp: [], between: [], missing: [] },
+    startup: null,
+    soak: null,
+    targets: [],
   };
 }
 
@@ -82,28 +89,35 @@ export interface Ctx {
   progress: (message: string) => void;
 }
 
-async function runLoad(generator: LineProc, spec: LoadSpec, timeoutMs: number): Promise<unknown> {
+export async function runLoad(generator: LineProc, spec: LoadSpec, timeoutMs: number): Promise<unknown> {
   const line = await generator.ask(JSON.stringify(spec), timeoutMs);
   const result = JSON.parse(line) as { error?: string };
   if (result.error) throw new Error(`load generator: ${result.error}`);
   return result;
 }
 
-/** CPU of a path's proxies and of the app, and the cores' business, between start() and stop(). */
-function cpuMeter(stack: Stack, pids: number[]) {
+/** CPU of a path's proxies and of its app, and the cores' business, between start() and stop(). */
+export function cpuMeter(pids: number[], appPid: number | null) {
+  const apps = appPid === null ? [] : [appPid];
   const cpu0 = cpuSeconds(pids);
-  const app0 = cpuSeconds([stack.app.pid]);
+  const app0 = cpuSeconds(apps);
   const core0 = coreTimes();
   const wall0 = performance.now();
   return () => {
     const wallS = (performance.now() - wall0) / 1000;
     const proxyCpuS = cpuSeconds(pids) - cpu0;
-    const appCpuS = cpuSeconds([stack.app.pid]) - app0;
+    const appCpuS = cpuSeconds(apps) - app0;
     return { wallS, proxyCpuS, appCpuS, coreBusy: coreBusy(core0, coreTimes()) };
   };
 }
 
-function openSpec(o: MeasureOptions, target: Target, rate: number, warmupS: number, durationS: number): LoadSpec {
+export function openSpec(
+  o: MeasureOptions,
+  target: Target,
+  rate: number,
+  warmupS: number,
+  durationS: number,
+): LoadSpec {
   return {
     mode: "open",
     target,
@@ -131,26 +145,40 @@ export async function warmUp({ o, stack, generator, order, progress }: Ctx): Pro
   }
 }
 
+/** A path of a fixed-rate matrix: where the load goes, whose CPU it costs, which app answers. */
+export interface Lane {
+  id: PathId;
+  target: Target;
+  proxyPids: () => number[];
+  appPid: number;
+}
+
 /**
- * Fixed rates, open loop. The paths alternate within each rate (and rounds repeat the whole
- * matrix), so that a burst of noise from elsewhere on the machine lands on all of them rather
- * than on one path. With --repeat, each row is the round whose p99 is the median.
+ * Fixed rates, open loop, for every lane: the lanes alternate within each rate (and rounds repeat
+ * the whole matrix), so that a burst of noise from elsewhere on the machine lands on all of them
+ * rather than on one lane. `all` gets every run; the result is, per rate and lane, the round whose
+ * p99 is the median. `afterRate` runs once all lanes of a rate are done, in every round.
  */
-export async function measureRates({ o, stack, generator, order, report, progress }: Ctx): Promise<void> {
+export async function rateMatrix(
+  { o, generator, progress }: Ctx,
+  lanes: Lane[],
+  rates: number[],
+  all: RateRun[],
+  label: string,
+  afterRate?: (rate: number) => void,
+): Promise<RateRun[]> {
   for (let round = 1; round <= o.repeat; round++) {
-    for (const rate of o.rates) {
-      for (const id of order) {
-        const setup = stack.paths.get(id) as PathSetup;
-        const pids = setup.proxyPids();
-        const stop = cpuMeter(stack, pids);
+    for (const rate of rates) {
+      for (const lane of lanes) {
+        const stop = cpuMeter(lane.proxyPids(), lane.appPid);
         const load = (await runLoad(
           generator,
-          openSpec(o, setup.target, rate, o.warmupS, o.durationS),
+          openSpec(o, lane.target, rate, o.warmupS, o.durationS),
           (o.warmupS + o.durationS) * 1000 + o.timeoutMs + 20_000,
         )) as OpenLoopResult;
         const m = stop();
-        report.allRates.push({
-          path: id,
+        all.push({
+          path: lane.id,
           rate,
           round,
           load,
@@ -162,22 +190,45 @@ export async function measureRates({ o, stack, generator, order, report, progres
         });
         const l = load.latency;
         progress(
-          `${o.repeat > 1 ? `round ${round}/${o.repeat} ` : ""}${String(rate).padStart(5)} req/s  ${PATH_LABELS[id].padEnd(28)} ` +
+          `${o.repeat > 1 ? `round ${round}/${o.repeat} ` : ""}${label}${String(rate).padStart(5)} req/s  ${PATH_LABELS[lane.id].padEnd(28)} ` +
             `p50 ${l.p50.toFixed(2)} ms  p99 ${l.p99.toFixed(2)} ms  ` +
             `achieved ${Math.round(load.achievedRate)}/s${sustained(load) ? "" : " (not sustained)"}`,
         );
       }
+      afterRate?.(rate);
     }
   }
-  for (const rate of o.rates) {
-    for (const id of order) {
-      const runs = report.allRates
-        .filter((r) => r.rate === rate && r.path === id)
+  const medians: RateRun[] = [];
+  for (const rate of rates) {
+    for (const lane of lanes) {
+      const runs = all
+        .filter((r) => r.rate === rate && r.path === lane.id)
         .sort((a, b) => a.load.latency.p99 - b.load.latency.p99);
       const median = runs[Math.floor((runs.length - 1) / 2)];
-      if (median) report.rates.push(median);
+      if (median) medians.push(median);
     }
   }
+  return medians;
+}
+
+/** The rate after which the memory target is read: 2,000 req/s, or the highest rate below it. */
+export const MEMORY_RATE = 2_000;
+
+/**
+ * The HTTP paths at fixed rates. Memory is sampled right after the 2,000 req/s rate (the RSS
+ * target's moment), before throughput and handshakes have grown anything further.
+ */
+export async function measureRates(ctx: Ctx): Promise<void> {
+  const { o, stack, order, report } = ctx;
+  const lanes = order.map((id) => {
+    const setup = stack.paths.get(id) as PathSetup;
+    return { id, target: setup.target, proxyPids: setup.proxyPids, appPid: stack.app.pid };
+  });
+  const memoryRate = Math.max(...o.rates.filter((r) => r <= MEMORY_RATE), 0);
+  report.rates = await rateMatrix(ctx, lanes, o.rates, report.allRates, "", (rate) => {
+    if (rate !== memoryRate) return;
+    report.memoryAfterRate = { rate, rows: stack.memoryOf.map((m) => ({ name: m.name, rss: memory(m.pids()).rss })) };
+  });
 }
 
 /** Closed loop at `connections`: wrk when installed (C, cheap per request), else the Node generator. */
@@ -189,7 +240,7 @@ export async function measureThroughput(
   // The forward proxy's throughput is the port-mapped one's: same code after the target is parsed.
   for (const id of order.filter((p) => p !== "ashmesh-fwd")) {
     const setup = stack.paths.get(id) as PathSetup;
-    const stop = cpuMeter(stack, setup.proxyPids());
+    const stop = cpuMeter(setup.proxyPids(), stack.app.pid);
     let measured: { tool: "wrk" | "node closed loop"; throughput: number; p50: number; p99: number } & {
       errors: number;
       requests: number;
@@ -252,7 +303,7 @@ export async function measureHandshakes({ o, procs, stack, report, progress }: C
   }
   const gw = stack.ca.identityFiles(CALLER);
   for (const s of stack.inbounds) {
-    const stop = cpuMeter(stack, s.pids());
+    const stop = cpuMeter(s.pids(), null);
     const result = await handshakes(procs, openssl, {
       port: s.port,
       cert: gw.cert,
@@ -283,6 +334,9 @@ export function memoryRows(stack: Stack, idle: Map<string, Memory>): MemoryRow[]
 
 export function describeMachine(stack: Stack, wrkBin: string | null, loadBefore: number[]): Record<string, string> {
   const nginx = findNginx();
+  const haproxy = findHaproxy();
+  const h2loadBin = PROTOCOL_TOOLS.h2load();
+  const redis = PROTOCOL_TOOLS.redisServer();
   return {
     cpu: `${os.cpus()[0]?.model ?? "unknown"} × ${os.cpus().length}`,
     kernel: `${os.type()} ${os.release()}`,
@@ -292,6 +346,12 @@ export function describeMachine(stack: Stack, wrkBin: string | null, loadBefore:
       stack.started.has("nginx") && nginx
         ? `${version(nginx, ["-V"], /nginx\/\S+/)} (${version(nginx, ["-V"], /running with OpenSSL [^)]+|built with OpenSSL \S+/)})`
         : "not run",
+    haproxy:
+      stack.started.has("haproxy") && haproxy
+        ? `${version(haproxy, ["-v"], /HAProxy version \S+/)} (${version(haproxy, ["-vv"], /Running on OpenSSL version : [^\n]+/)})`
+        : "not run",
+    h2load: stack.protocols.includes("h2") && h2loadBin ? version(h2loadBin, ["--version"]) : "not run",
+    redis: stack.protocols.includes("tcp") && redis ? version(redis, ["--version"], /v=\S+/) : "not run",
     wrk: wrkBin ? version(wrkBin, ["-v"], /wrk \S+/) : "not installed",
     openssl: version("openssl", ["version"]),
     pinning: hasTaskset() ? `proxies and app on core ${PROXY_CORE}, load generators on core ${LOAD_CORE}` : "none",

@@ -37,10 +37,13 @@ export function hasTaskset(): boolean {
   return TASKSET !== null;
 }
 
-/** The command line, prefixed with `taskset -c CORE` when taskset exists (it execs in place: same pid). */
-function pinned(core: number | null, cmd: string, args: string[]): [string, string[]] {
+/** One core, a set of cores (a contender that spreads over several), or null: not pinned. */
+export type Cores = number | readonly number[] | null;
+
+/** The command line, prefixed with `taskset -c CORES` when taskset exists (it execs in place: same pid). */
+function pinned(core: Cores, cmd: string, args: string[]): [string, string[]] {
   if (core === null || !TASKSET) return [cmd, args];
-  return [TASKSET, ["-c", String(core), cmd, ...args]];
+  return [TASKSET, ["-c", typeof core === "number" ? String(core) : core.join(","), cmd, ...args]];
 }
 
 export class Procs {
@@ -54,7 +57,7 @@ export class Procs {
     name: string,
     cmd: string,
     args: string[],
-    options: { core: number | null; logFile: string; env?: NodeJS.ProcessEnv },
+    options: { core: Cores; logFile: string; env?: NodeJS.ProcessEnv },
   ): Proc {
     const [file, argv] = pinned(options.core, cmd, args);
     const fd = openSync(options.logFile, "a");
@@ -87,7 +90,7 @@ export class Procs {
    * resolves with the next JSON-object line of its stdout (or rejects after timeoutMs, or when
    * it exits).
    */
-  startLines(name: string, cmd: string, args: string[], options: { core: number | null }): LineProc {
+  startLines(name: string, cmd: string, args: string[], options: { core: Cores }): LineProc {
     const [file, argv] = pinned(options.core, cmd, args);
     const child = spawn(file, argv, { stdio: ["pipe", "pipe", "pipe"] });
     if (child.pid === undefined) throw new Error(`could not start ${name} (${cmd})`);
@@ -146,7 +149,7 @@ export class Procs {
   }
 
   /** A command run to completion (bounded by timeoutMs), its output captured. */
-  run(cmd: string, args: string[], options: { core: number | null; timeoutMs: number }): Promise<RunResult> {
+  run(cmd: string, args: string[], options: { core: Cores; timeoutMs: number }): Promise<RunResult> {
     const [file, argv] = pinned(options.core, cmd, args);
     const started = performance.now();
     return new Promise((resolve) => {
@@ -177,6 +180,22 @@ export class Procs {
   /** The first long-running process that has exited although nobody stopped it, if any. */
   exitedEarly(): Proc | undefined {
     return this.procs.find((p) => p.exitCode !== undefined);
+  }
+
+  /**
+   * Stops one process before the end of the run (the start-up timing starts and stops sidecars
+   * in turn): SIGTERM, SIGKILL after graceMs. It is then forgotten, so that its exit is not
+   * mistaken for a crash by exitedEarly().
+   */
+  async stop(proc: Proc, graceMs = 3_000): Promise<void> {
+    if (proc.exitCode === undefined) {
+      proc.child.kill("SIGTERM");
+      const timer = setTimeout(() => proc.child.kill("SIGKILL"), graceMs);
+      await proc.exited;
+      clearTimeout(timer);
+    }
+    const i = this.procs.indexOf(proc);
+    if (i !== -1) this.procs.splice(i, 1);
   }
 
   adoptDescendants(pid: number): number[] {

@@ -1,18 +1,28 @@
 // The bench's report: what measure.ts measured, as JSON (kept whole) and as markdown tables.
 // Overheads are differences to the direct path at the same rate in the same run, never absolute
-// thresholds: the machine, its load and the Node version all move the absolute numbers.
+// thresholds: the machine, its load and the Node version all move the absolute numbers (the
+// targets table, targets.ts, is made of ratios to the reference pairs of the same run). The
+// protocol rows, the start-up timing, the soak and the targets render their own sections
+// (protocols.ts, startup.ts, soak.ts, targets.ts) with this file's table().
 import type { OpenLoopResult } from "./load.js";
 import type { Memory } from "./procs.js";
-import type { HandshakeResult } from "./tools.js";
+import type { H2loadResult, HandshakeResult, RedisBenchResult } from "./tools.js";
 
-export type PathId = "direct" | "ashmesh" | "ashmesh-fwd" | "nginx";
+export type PathId = "direct" | "ashmesh" | "ashmesh-fwd" | "ashmesh-auto" | "nginx" | "haproxy";
 
 export const PATH_LABELS: Record<PathId, string> = {
   direct: "direct (app)",
   ashmesh: "ashmesh pair",
   "ashmesh-fwd": "ashmesh pair (forward proxy)",
+  "ashmesh-auto": "ashmesh pair (workers: auto)",
   nginx: "nginx pair",
+  haproxy: "HAProxy pair",
 };
+
+/** The protocol rows: HTTP/2 with h2load, gRPC unary at fixed rates, Redis over a TCP hop. */
+export type Protocol = "h2" | "grpc" | "tcp";
+
+export type HandshakeSide = "ashmesh inbound" | "nginx inbound" | "haproxy inbound" | "node:tls floor";
 
 export interface RateRun {
   path: PathId;
@@ -45,7 +55,7 @@ export interface ThroughputRun {
 }
 
 export interface HandshakeRun {
-  side: "ashmesh inbound" | "nginx inbound";
+  side: HandshakeSide;
   result: HandshakeResult;
   /** CPU seconds of the inbound proxy process(es) during the run. */
   inboundCpuS: number;
@@ -56,6 +66,73 @@ export interface MemoryRow {
   name: string;
   idle: Memory;
   end: Memory;
+}
+
+/** HTTP/2, closed loop: h2load's clients each keep `streams` requests in flight on one connection. */
+export interface H2Run {
+  path: PathId;
+  result: H2loadResult;
+  proxyCpuS: number;
+  appCpuS: number;
+  coreBusy: number[];
+}
+
+/** One redis-benchmark test through a path. */
+export interface TcpRun {
+  path: PathId;
+  result: RedisBenchResult;
+  proxyCpuS: number;
+  coreBusy: number[];
+}
+
+export interface ProtocolRows {
+  h2: H2Run[];
+  /** gRPC unary at fixed rates, as the HTTP rows (the median-p99 round with --repeat). */
+  grpc: RateRun[];
+  tcp: TcpRun[];
+  /** What each pair speaks between its two proxies, per protocol row. */
+  between: { protocol: Protocol; path: PathId; between: string }[];
+  /** Rows a contender could not take part in, and why. */
+  missing: { protocol: Protocol; path: PathId; reason: string }[];
+}
+
+/** Start of a sidecar to its first /readyz 200, in milliseconds, several times. */
+export interface StartupResult {
+  samplesMs: number[];
+  medianMs: number;
+}
+
+export interface SoakSample {
+  /** Seconds since the soak started. */
+  atS: number;
+  /** Per sidecar, in the order of SoakResult.sidecars. */
+  rssMiB: number[];
+  heapUsedMiB: number[];
+}
+
+export interface SoakResult {
+  rate: number;
+  seconds: number;
+  sidecars: string[];
+  samples: SoakSample[];
+  /** GC pauses of both sidecars during the soak (--trace-gc), in milliseconds. */
+  gc: { count: number; p99: number; max: number; totalMs: number };
+  requests: number;
+  /** Non-2xx answers, transport errors, timeouts and drops. */
+  errors: number;
+  /** The same by kind: "503", "ECONNRESET", "timeouts", "dropped", ... */
+  errorKinds: Record<string, number>;
+  latency: { p50: number; p99: number; max: number };
+}
+
+export interface TargetRow {
+  target: string;
+  /** The figure measured, in words (or why it was not measured). */
+  figure: string;
+  /** The same figure against the HAProxy pair, for reference. */
+  haproxy: string;
+  /** null: not measured in this run. */
+  met: boolean | null;
 }
 
 export interface BenchReport {
@@ -72,18 +149,25 @@ export interface BenchReport {
   throughput: ThroughputRun[];
   handshakes: HandshakeRun[];
   memory: MemoryRow[];
+  /** RSS of each process right after the 2,000 req/s row (the last rate ≤ 2,000 if there is none). */
+  memoryAfterRate: { rate: number; rows: { name: string; rss: number }[] } | null;
+  protocols: ProtocolRows;
+  startup: StartupResult | null;
+  soak: SoakResult | null;
+  targets: TargetRow[];
 }
 
-const ms = (v: number) => (Number.isFinite(v) ? (v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0)) : "–");
-const signedMs = (v: number) => (Number.isFinite(v) ? `${v >= 0 ? "+" : "−"}${ms(Math.abs(v))}` : "–");
-const int = (v: number) => (Number.isFinite(v) ? Math.round(v).toLocaleString("en-US") : "–");
-const pct = (v: number) => `${Math.round(v * 100)} %`;
+export const ms = (v: number) =>
+  Number.isFinite(v) ? (v < 10 ? v.toFixed(2) : v < 100 ? v.toFixed(1) : v.toFixed(0)) : "–";
+export const signedMs = (v: number) => (Number.isFinite(v) ? `${v >= 0 ? "+" : "−"}${ms(Math.abs(v))}` : "–");
+export const int = (v: number) => (Number.isFinite(v) ? Math.round(v).toLocaleString("en-US") : "–");
+export const pct = (v: number) => `${Math.round(v * 100)} %`;
 
 /**
  * A markdown table with its columns padded, so that it reads as a table in a terminal too (and
  * is already in the shape Biome's formatter gives it). `align`: ":---" left, "---:" right.
  */
-function table(head: string[], rows: string[][], align: string[]): string {
+export function table(head: string[], rows: string[][], align: string[]): string {
   const len = (text: string) => [...text].length;
   const widths = head.map((h, i) => Math.max(3, len(h), ...rows.map((r) => len(r[i] ?? ""))));
   const right = (i: number) => (align[i] ?? "---:").endsWith(":");
@@ -139,10 +223,11 @@ export function sustained(l: OpenLoopResult): boolean {
   return l.achievedRate >= 0.97 * l.rate && l.dropped === 0 && l.timeouts === 0;
 }
 
-export function latencyTable(report: BenchReport): string {
+/** The fixed-rate rows: the HTTP rows of report.rates, or the gRPC rows. */
+export function latencyTable(runs: RateRun[]): string {
   const rows: string[][] = [];
-  for (const run of report.rates) {
-    const direct = report.rates.find((r) => r.rate === run.rate && r.path === "direct");
+  for (const run of runs) {
+    const direct = runs.find((r) => r.rate === run.rate && r.path === "direct");
     const l = run.load;
     const d = direct && run.path !== "direct" ? direct.load.latency : null;
     const cpu = l.totalCompleted > 0 ? (run.proxyCpuS * 1e6) / l.totalCompleted : Number.NaN;
@@ -251,7 +336,11 @@ export function memoryTable(report: BenchReport): string {
   );
 }
 
-export function markdown(report: BenchReport): string {
+/**
+ * The whole report: `sections` (the protocol rows, start-up, soak) come after the memory table,
+ * `last` (the targets) after the notes, at the very end, where a terminal leaves it in view.
+ */
+export function markdown(report: BenchReport, sections: string[] = [], last: string[] = []): string {
   const machine = Object.entries(report.machine)
     .map(([k, v]) => `- ${k}: ${v}`)
     .join("\n");
@@ -271,7 +360,7 @@ export function markdown(report: BenchReport): string {
       `Δ = this path − direct at the same rate. ⚠ = the rate was not sustained (< 97 % answered, drops or timeouts). ` +
       `"other load" is CPU taken on each core by processes outside the bench while the row ran: above ~10 % the row is noisy.`,
     "",
-    latencyTable(report),
+    latencyTable(report.rates),
     "",
     "### Load generator and cores",
     "",
@@ -296,6 +385,8 @@ export function markdown(report: BenchReport): string {
     );
   }
   if (report.memory.length) parts.push("", "## Memory", "", memoryTable(report));
+  for (const section of sections) if (section) parts.push("", section);
   if (report.notes.length) parts.push("", "## Notes", "", ...report.notes.map((n) => `- ${n}`));
+  for (const section of last) if (section) parts.push("", section);
   return `${parts.join("\n")}\n`;
 }

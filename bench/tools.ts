@@ -1,6 +1,7 @@
 // The outside tools the bench drives, and what it reads from their output: wrk for the maximum
-// throughput (a C load generator is far cheaper per request than a Node one), and
-// `openssl s_time -new` for full mTLS handshakes with a client certificate.
+// throughput (a C load generator is far cheaper per request than a Node one),
+// `openssl s_time -new` for full mTLS handshakes with a client certificate, h2load (nghttp2-client)
+// for HTTP/2 and redis-benchmark for the TCP row. Each run is bounded in time (and killed past it).
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import type { Procs } from "./procs.js";
@@ -119,4 +120,105 @@ export async function handshakes(
     connections += Number(m[1]);
   }
   return { connections, seconds, rate: connections / seconds, clients: o.clients };
+}
+
+export interface H2loadResult {
+  clients: number;
+  streams: number;
+  seconds: number;
+  throughput: number;
+  requests: number;
+  succeeded: number;
+  /** Failed, errored and timed-out requests, and answers other than 2xx. */
+  errors: number;
+  /** h2load reports no percentiles: mean and max time per request. */
+  meanMs: number;
+  maxMs: number;
+}
+
+export function parseH2load(out: string, clients: number, streams: number): H2loadResult | null {
+  const finished = /finished in ([\d.]+)(us|ms|s|m), ([\d.]+) req\/s/.exec(out);
+  const req =
+    /requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(
+      out,
+    );
+  const status = /status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx/.exec(out);
+  const time = /time for request:\s+(\S+)\s+(\S+)\s+(\S+)/.exec(out);
+  if (!finished || !req || !status || !time) return null;
+  const n = (m: RegExpExecArray, i: number) => Number(m[i]);
+  return {
+    clients,
+    streams,
+    seconds: wrkDuration(`${finished[1]}${finished[2]}`) / 1000,
+    throughput: n(finished, 3),
+    requests: n(req, 1),
+    succeeded: n(req, 2),
+    errors: n(req, 3) + n(req, 4) + n(req, 5) + n(status, 2) + n(status, 3) + n(status, 4),
+    meanMs: wrkDuration(time[3] as string),
+    maxMs: wrkDuration(time[2] as string),
+  };
+}
+
+/** `h2load` over cleartext HTTP/2 with prior knowledge (its default for an http:// URL). */
+export async function h2load(
+  procs: Procs,
+  bin: string,
+  o: { url: string; clients: number; streams: number; seconds: number; warmupS: number; core: number | null },
+): Promise<H2loadResult> {
+  const r = await procs.run(
+    bin,
+    [`-c${o.clients}`, `-m${o.streams}`, "-t1", `-D${o.seconds}`, `--warm-up-time=${o.warmupS}`, o.url],
+    { core: o.core, timeoutMs: (o.seconds + o.warmupS + 15) * 1000 },
+  );
+  const parsed = parseH2load(r.stdout, o.clients, o.streams);
+  if (!parsed) throw new Error(`h2load ${o.url}: unreadable output (exit ${r.code}):\n${r.stdout}${r.stderr}`);
+  return parsed;
+}
+
+export interface RedisBenchResult {
+  test: string;
+  clients: number;
+  requests: number;
+  throughput: number;
+  p50: number;
+  p99: number;
+}
+
+/** redis-benchmark --csv: a header line, then one line per test with its rate and latency percentiles. */
+export function parseRedisBench(out: string, clients: number, requests: number): RedisBenchResult[] {
+  const lines = out
+    .trim()
+    .split("\n")
+    .map((l) => l.trim().replaceAll('"', "").split(","));
+  const head = lines.find((l) => l[0] === "test");
+  if (!head) return [];
+  const col = (name: string) => head.indexOf(name);
+  return lines
+    .filter((l) => l !== head && l.length === head.length)
+    .map((l) => ({
+      test: l[0] as string,
+      clients,
+      requests,
+      throughput: Number(l[col("rps")]),
+      p50: Number(l[col("p50_latency_ms")]),
+      p99: Number(l[col("p99_latency_ms")]),
+    }));
+}
+
+/** One redis-benchmark test (`-t`), `requests` commands over `clients` connections, no pipelining. */
+export async function redisBenchmark(
+  procs: Procs,
+  bin: string,
+  o: { port: number; test: string; clients: number; requests: number; core: number | null; timeoutS: number },
+): Promise<RedisBenchResult> {
+  const r = await procs.run(
+    bin,
+    ["-h", "127.0.0.1", "-p", String(o.port), "-c", String(o.clients), "-n", String(o.requests), "-t", o.test, "--csv"],
+    { core: o.core, timeoutMs: o.timeoutS * 1000 },
+  );
+  const [parsed] = parseRedisBench(r.stdout, o.clients, o.requests);
+  if (!parsed || r.code !== 0) {
+    throw new Error(`redis-benchmark -t ${o.test} on port ${o.port}: exit ${r.code}:\n${r.stdout}${r.stderr}`);
+  }
+  return parsed;
 }
