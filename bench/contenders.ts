@@ -28,7 +28,6 @@ import {
   listener,
   outboundListener,
   type SidecarConfig,
-  workersAvailable,
 } from "./sidecars.js";
 
 const ASHMESH = fileURLToPath(new URL("../bin/ashmesh.js", import.meta.url));
@@ -432,12 +431,6 @@ export const CONTENDERS: readonly Contender[] = [
     starting: 'the ashmesh sidecars with workers: "auto" (cores 0 and 1)',
     paths: ["ashmesh-auto"],
     inbound: null,
-    needs: {
-      find: () => (workersAvailable() ? "auto" : null),
-      missingNote:
-        "ashmesh pair (workers: auto): not measured: workers not available (this build's config schema has no `workers` key).",
-      skipping: "workers not available in this build: skipping the ashmesh pair with workers: auto",
-    },
     start: (s) => startAshmesh(s, true),
   },
   {

@@ -4,7 +4,7 @@
 // on port 0). contenders.ts starts them; the names here are the mesh's identities.
 import type { DevCa } from "../certs-dev/store.js";
 import { ENV_VARS } from "../config/load.js";
-import { type ConfigInput, configSchema } from "../config/schema.js";
+import type { ConfigInput } from "../config/schema.js";
 import type { Apps } from "./contenders.js";
 import type { TlsFiles } from "./pair.js";
 
@@ -23,42 +23,16 @@ export function identity(ca: DevCa, name: string): NonNullable<ConfigInput["tls"
 export function cleanEnv(): NodeJS.ProcessEnv {
   const env = { ...process.env };
   for (const name of Object.keys(ENV_VARS)) delete env[name];
-  // Main's worker count, whether or not ENV_VARS lists it yet: the contenders set it in their files.
-  delete env.ASHMESH_WORKERS;
   return env;
 }
 
-/**
- * A sidecar's config with main's `workers` key (1, N or "auto"), which lands in the schema soon:
- * the intersection keeps the other keys checked now and is checked against main's own type then.
- */
-export type SidecarConfig = ConfigInput & { workers?: number | "auto" };
-
-/**
- * Whether the schema takes `workers: "auto"`. Until main's key lands it rejects it as an unknown
- * key; the workers contender is then reported as not measured instead of failing the run.
- */
-export function workersAvailable(): boolean {
-  if (workersKnown === null) {
-    const probe = configSchema.safeParse({
-      service: { name: "probe", dnsName: "probe.ashchan.local" },
-      workers: "auto",
-    });
-    workersKnown =
-      probe.success ||
-      !probe.error.issues.some(
-        (i) => i.path[0] === "workers" || (i.code === "unrecognized_keys" && i.keys.includes("workers")),
-      );
-  }
-  return workersKnown;
-}
-let workersKnown: boolean | null = null;
+export type SidecarConfig = ConfigInput;
 
 /**
  * A sidecar as an `ashmesh proxy` config file holds it, typed as the schema's input so that the
  * compiler checks every key. The short drain lets the sidecars exit within the teardown's grace
- * period instead of being killed. `workers` is written out when the schema knows it, so that the
- * one-worker pair stays one worker whatever main's default becomes.
+ * period instead of being killed. `workers` is always written out, so that
+ * the one-worker pair stays one worker whatever the default becomes.
  */
 function sidecarConfig(
   ca: DevCa,
@@ -76,7 +50,7 @@ function sidecarConfig(
     admin: { listen: `127.0.0.1:${adminPort}` },
     limits: { drainTimeoutMs: 1_000 },
     log: { level: "info" },
-    ...(workersAvailable() ? { workers } : {}),
+    workers,
   };
 }
 
