@@ -101,7 +101,7 @@ export interface StartContext {
   apps: Apps;
   /** The protocol rows this contender takes part in: those the run measures, if its paths are measured. */
   protocols: Protocol[];
-  options: { cpuProf: string | null; sidecarNodeArgs: string[] };
+  options: { cpuProf: string | null; sidecarNodeArgs: string[]; peerProtocol: "match" | "h2" };
 }
 
 export type ContenderId = "direct" | "ashmesh" | "ashmesh-auto" | "nginx" | "haproxy" | "tls-floor";
@@ -150,7 +150,7 @@ export function startSidecar(s: StartContext, o: SidecarStart): Proc {
  */
 export function startCalleeForTiming(s: StartContext, adminPort: number, n: number): Proc {
   return startSidecar(
-    { ...s, options: { cpuProf: null, sidecarNodeArgs: [] } },
+    { ...s, options: { cpuProf: null, sidecarNodeArgs: [], peerProtocol: s.options.peerProtocol } },
     {
       name: `ashmesh inbound, start-up ${n}`,
       file: `ashmesh-startup-${n}`,
@@ -221,7 +221,12 @@ async function startAshmesh(s: StartContext, auto: boolean): Promise<Running> {
     name: callerName,
     file: `ashmesh-gateway${tag}`,
     profile: `ashmesh-gateway${tag}-outbound`,
-    config: callerConfig(s.ca, { http: inboundPort, grpc: searchPort, tcp: tcpInPort }, workers),
+    config: callerConfig(
+      s.ca,
+      { http: inboundPort, grpc: searchPort, tcp: tcpInPort },
+      workers,
+      s.options.peerProtocol,
+    ),
     cores,
   });
   const forwardPort = await waitForLine(caller, outboundListener("forward proxy"));

@@ -358,7 +358,8 @@ export function markdown(report: BenchReport, sections: string[] = [], last: str
       `connections from the load generator; latency = answer time − scheduled send time. ` +
       (Number(s.repeat) > 1 ? `Of ${s.repeat} interleaved rounds, each row is the one with the median p99. ` : "") +
       `Δ = this path − direct at the same rate. ⚠ = the rate was not sustained (< 97 % answered, drops or timeouts). ` +
-      `"other load" is CPU taken on each core by processes outside the bench while the row ran: above ~10 % the row is noisy.`,
+      `"other load" is CPU taken on each core by processes outside the bench while the row ran: above ~10 % the row is noisy. ` +
+      `The caller's sidecar runs with outbound.peerProtocol ${String(s.peerProtocol ?? "match")}.`,
     "",
     latencyTable(report.rates),
     "",

@@ -62,6 +62,8 @@ const HELP = `npm run bench -- [options]        (or: node dist/bench/run.js [opt
   --startup N             times a sidecar is started to time spawn → /readyz 200, 0 to skip (default 5; quick 3)
   --soak DURATION         after the other rows, 1000 req/s through the ashmesh pair for DURATION (e.g. 90s,
                           20m, 1h; at most 2h): RSS, heap, GC pauses (adds --trace-gc to the sidecars), errors
+  --peer-protocol P       outbound.peerProtocol of the caller's sidecars: match (default: HTTP/1.1 callers
+                          over pooled HTTP/1.1 to the peer) or h2 (every request over one HTTP/2 session)
   --cpu-prof DIR          run the sidecars with --cpu-prof, profiles written to DIR on exit
   --sidecar-node-arg ARG  an extra Node option for the sidecars (repeatable), e.g. --trace-gc
   --out DIR               where latest.json and latest.md go (default bench/results; "-" for none)
@@ -109,6 +111,7 @@ function parseOptions(argv: string[]): Options | null {
       soak: { type: "string" },
       repeat: { type: "string" },
       "cpu-prof": { type: "string" },
+      "peer-protocol": { type: "string" },
       "sidecar-node-arg": { type: "string", multiple: true },
       out: { type: "string" },
       keep: { type: "boolean" },
@@ -141,6 +144,10 @@ function parseOptions(argv: string[]): Options | null {
     if (parsed > SOAK_MAX_S) throw new UsageError("--soak: at most 2h");
     soakS = parsed;
   }
+  const peerProtocol = values["peer-protocol"] ?? "match";
+  if (peerProtocol !== "match" && peerProtocol !== "h2") {
+    throw new UsageError(`--peer-protocol: expected match or h2, got "${peerProtocol}"`);
+  }
   const nodeArgs = values["sidecar-node-arg"] ?? [];
   // The soak's GC pauses are read from the sidecars' --trace-gc lines.
   if (soakS > 0 && !nodeArgs.includes("--trace-gc")) nodeArgs.push("--trace-gc");
@@ -169,6 +176,7 @@ function parseOptions(argv: string[]): Options | null {
     soakS,
     cpuProf: values["cpu-prof"] ? resolve(values["cpu-prof"]) : null,
     sidecarNodeArgs: nodeArgs,
+    peerProtocol,
     out: values.out === "-" ? null : resolve(values.out ?? join(ROOT, "bench", "results")),
     keep: values.keep ?? false,
   };
@@ -203,6 +211,7 @@ async function main(argv: string[]): Promise<number> {
     report.settings.protocols = o.protocols;
     report.settings.startupRuns = o.startupRuns;
     report.settings.soakS = o.soakS;
+    report.settings.peerProtocol = o.peerProtocol;
     if (o.soakS > 0) report.notes.push("--soak: the sidecars ran with --trace-gc for the whole run (GC pauses).");
     const stack = await startStack(ws, o, report.notes, progress);
     await checkPaths(stack);

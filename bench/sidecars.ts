@@ -101,7 +101,12 @@ export interface Peers {
 }
 
 /** The caller's sidecar: a forward proxy and ports mapped to the callees, found at their sidecars' ports. */
-export function callerConfig(ca: DevCa, peers: Peers, workers: number | "auto"): SidecarConfig {
+export function callerConfig(
+  ca: DevCa,
+  peers: Peers,
+  workers: number | "auto",
+  peerProtocol: "match" | "h2" = "match",
+): SidecarConfig {
   const grpc = peers.grpc;
   return sidecarConfig(
     ca,
@@ -110,6 +115,7 @@ export function callerConfig(ca: DevCa, peers: Peers, workers: number | "auto"):
       inbound: { enabled: false },
       outbound: {
         listen: "127.0.0.1:0",
+        peerProtocol,
         resolve: {
           [CALLEE]: `127.0.0.1:${peers.http}`,
           ...(grpc !== null ? { [GRPC_CALLEE]: `127.0.0.1:${grpc}` } : {}),

@@ -47,6 +47,8 @@ export interface StackOptions {
   protocols: Protocol[];
   cpuProf: string | null;
   sidecarNodeArgs: string[];
+  /** outbound.peerProtocol of the caller's sidecars (--peer-protocol). */
+  peerProtocol: "match" | "h2";
 }
 
 export interface Inbound {

@@ -115,6 +115,10 @@ export const ENV_VARS: Record<string, EnvVar> = {
     set: put("outbound", "destinations", list),
     emptyIsValue: true,
   },
+  OUTBOUND_PEER_PROTOCOL: {
+    field: "outbound.peerProtocol",
+    set: put("outbound", "peerProtocol", (v) => v.trim().toLowerCase()),
+  },
   OUTBOUND_UPSTREAMS: { field: "outbound.upstreams", set: put("outbound", "upstreams", yamlValue) },
   TCP_INBOUND: { field: "tcp.inbound", set: put("tcp", "inbound", yamlValue) },
   TCP_OUTBOUND: { field: "tcp.outbound", set: put("tcp", "outbound", yamlValue) },

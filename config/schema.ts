@@ -229,6 +229,10 @@ export const configSchema = z.strictObject({
       port: z.number().int().min(1).max(65535).default(8443),
       resolve: z.record(dnsName, resolveTarget).default({}),
       upstreams: z.record(z.string().regex(/^[a-zA-Z0-9_-]+$/, "expected a short name"), upstream).default({}),
+      // How requests reach a peer's inbound. "match": HTTP/2 and gRPC callers over one multiplexed h2
+      // session per peer, HTTP/1.1 callers over pooled HTTP/1.1 connections (the lower tail latency
+      // on Node); "h2": every request over the h2 session (fewest connections and handshakes).
+      peerProtocol: z.enum(["match", "h2"]).default("match"),
     })
     .prefault({}),
   // Plain TCP tunnels for protocols that are not HTTP (PostgreSQL, Redis, ...), identity checked per connection.

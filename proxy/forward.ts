@@ -281,6 +281,7 @@ export function forward(req: ServerRequest, res: ServerReply, options: ForwardOp
       authority: options.authority,
       headers: options.headers,
       body: hasBody(req) ? req : null,
+      http2: req.httpVersionMajor === 2,
       timeoutMs: options.timeoutMs,
     },
     relay,

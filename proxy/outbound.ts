@@ -311,6 +311,7 @@ export class Outbound {
       h1,
       `${upstream.identity}:${upstream.port}`,
       limits.idleTimeoutMs,
+      this.deps.config.outbound.peerProtocol === "h2",
     );
     route = { upstream, connector, transport, labels: null };
     return route;

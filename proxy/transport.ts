@@ -17,6 +17,8 @@ export interface UpstreamRequest {
   /** Flat [name, value, ...], without Host and pseudo-headers. */
   headers: string[];
   body: Readable | null;
+  /** The caller spoke HTTP/2 (gRPC among them): a peer transport keeps it on HTTP/2. */
+  http2: boolean;
   /** Longest wait for the response head, and for each piece of its body. */
   timeoutMs: number;
 }
@@ -211,7 +213,10 @@ export class H2Transport implements Transport {
           return fail(err);
         }
         stream = s;
-        s.once("close", () => this.done());
+        s.once("close", () => {
+          s.setTimeout(0); // the timer would hold the whole exchange (relay, request, reply) for timeoutMs
+          this.done();
+        });
         let trailers: string[] = [];
         s.setTimeout(req.timeoutMs, () => {
           fail(transportError("UND_ERR_HEADERS_TIMEOUT", `no answer within ${req.timeoutMs} ms`));
@@ -307,12 +312,16 @@ export function connected(session: ClientHttp2Session): Promise<ClientHttp2Sessi
 const ALPN_HTTP1 = "ASHMESH_ALPN_HTTP1";
 
 /**
- * A peer's inbound: HTTP/2 when its server takes ALPN h2 (every ashmesh inbound does), one
- * multiplexed session for all requests; HTTP/1.1 through a pool when it offers only that. The
- * first connection tells which; the answer holds for this transport (one identity generation).
+ * A peer's inbound. HTTP/2 and gRPC callers go over one multiplexed h2 session when the peer's
+ * server takes ALPN h2 (every ashmesh inbound does); HTTP/1.1 callers go through a pool of
+ * HTTP/1.1 connections, unless outbound.peerProtocol is "h2". Why: Node's HTTP/2 client keeps each
+ * stream's objects alive until a full GC, so under load its scavenges run 10-40 ms against 1-2 ms
+ * for the pool, and that is the p99 the bench measures (see README "Performance"). A peer that
+ * offers only HTTP/1.1 gets everything through the pool; the first h2 connection tells, and the
+ * answer holds for this transport (one identity generation).
  */
 export class PeerTransport implements Transport {
-  private mode: "unknown" | "h2" | "http1" = "unknown";
+  private peerHttp1Only = false;
   private readonly h2: H2Transport;
 
   constructor(
@@ -320,28 +329,24 @@ export class PeerTransport implements Transport {
     private readonly h1: Http1Transport,
     authority: string,
     idleTimeoutMs: number,
+    /** outbound.peerProtocol: "h2" multiplexes HTTP/1.1 callers too; "match" keeps them on HTTP/1.1. */
+    private readonly multiplexAll: boolean,
   ) {
     this.h2 = new H2Transport(async () => {
       const socket = await connectTls(["h2", "http/1.1"]);
       if (socket.alpnProtocol !== "h2") {
         socket.destroy();
-        this.mode = "http1";
+        this.peerHttp1Only = true;
         throw transportError(ALPN_HTTP1, `${authority} speaks HTTP/1.1 only`);
       }
-      this.mode = "h2";
       const session = http2.connect(`https://${authority}`, { createConnection: () => socket });
       session.setTimeout(idleTimeoutMs, () => session.close());
       return connected(session);
     }, "https");
   }
 
-  /** "h2" or "http1" once a connection told, for metrics and /edges. */
-  get protocol(): "h2" | "http1" | null {
-    return this.mode === "unknown" ? null : this.mode;
-  }
-
   request(req: UpstreamRequest, handler: UpstreamHandler): Exchange {
-    if (this.mode === "http1") return this.h1.request(req, handler);
+    if (this.peerHttp1Only || !(req.http2 || this.multiplexAll)) return this.h1.request(req, handler);
     let current: Exchange | null = null;
     let pendingResume = false;
     const retrying: UpstreamHandler = {

@@ -55,7 +55,7 @@ function handshake(port: number, ca: Buffer, client: { cert: Buffer; key: Buffer
   });
 }
 
-async function roll(t: Test, options: { crl: boolean }) {
+async function roll(t: Test, options: { crl: boolean; peerProtocol?: "match" | "h2" }) {
   const p = await pki(t);
   const backend = await app(t);
   const tlsOverride = options.crl ? {} : { crl: null };
@@ -67,7 +67,10 @@ async function roll(t: Test, options: { crl: boolean }) {
   const caller = await sidecar(t, p, "gateway.ashchan.local", {
     tls: tlsOverride,
     inbound: { enabled: false },
-    outbound: { resolve: { "auth.ashchan.local": `127.0.0.1:${callee.inboundPort}` } },
+    outbound: {
+      peerProtocol: options.peerProtocol ?? "match",
+      resolve: { "auth.ashchan.local": `127.0.0.1:${callee.inboundPort}` },
+    },
   });
   const both = [callee, caller];
   const oldCa = p.ca.active;
@@ -215,3 +218,8 @@ t.test("with CRLs: the CA rolls (begin, switch, finish) under steady traffic wit
 
 // The procedure itself, with the CRL out of the way: what the phases and waits guarantee.
 t.test("without CRLs: the CA rolls under steady traffic without one failed request", (t) => roll(t, { crl: false }));
+
+// Every request over one HTTP/2 session to the peer: the roll must refresh the session as it does the pool.
+t.test("with CRLs, over HTTP/2 to the peer: the CA rolls under steady traffic without one failed request", (t) =>
+  roll(t, { crl: true, peerProtocol: "h2" }),
+);

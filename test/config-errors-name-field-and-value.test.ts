@@ -142,6 +142,10 @@ t.test("a bad environment value is named by its variable", async (t) => {
     /APP_PROTOCOL \(inbound\.appProtocol\)="h3" is not valid: .*"http1".*"h2c"/,
   );
   t.match(
+    message(() => parseConfig(base, { env: { OUTBOUND_PEER_PROTOCOL: "http3" } })),
+    /OUTBOUND_PEER_PROTOCOL \(outbound\.peerProtocol\)="http3" is not valid: .*"match".*"h2"/,
+  );
+  t.match(
     message(() => parseConfig(base, { env: { OUTBOUND_UPSTREAMS: '{search: {listen: "0.0.0.0:15005"}}' } })),
     /OUTBOUND_UPSTREAMS \(outbound\.upstreams\.search\.listen\)=.* is not valid: the outbound listener must bind to a loopback address/,
   );
@@ -155,6 +159,8 @@ t.test("APP_PROTOCOL and OUTBOUND_UPSTREAMS: a gRPC server's app, and a gRPC cal
     },
   });
   t.equal(c.inbound.appProtocol, "h2c");
+  t.equal(c.outbound.peerProtocol, "match", "HTTP/1.1 callers stay on HTTP/1.1 to the peer unless told");
+  t.equal(parseConfig(base, { env: { OUTBOUND_PEER_PROTOCOL: "H2" } }).outbound.peerProtocol, "h2");
   t.match(c.outbound.upstreams, {
     search: { listen: { host: "127.0.0.1", port: 15005 }, target: "search.ashchan.local:8443" },
   });

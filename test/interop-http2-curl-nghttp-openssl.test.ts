@@ -1,8 +1,10 @@
 // HTTP/2 with real clients: the inbound offers ALPN h2 and http/1.1 (openssl s_client sees h2
 // negotiated), curl --http2 and nghttp speak HTTP/2 to it with a client certificate, curl
 // --http2-prior-knowledge and nghttp speak cleartext HTTP/2 to the outbound's mapped port, and a
-// peer that offers only http/1.1 is still reached (over HTTP/1.1).
+// peer that offers only http/1.1 is still reached (over HTTP/1.1). HTTP/2 callers share one
+// connection to the peer; HTTP/1.1 callers use a pool unless outbound.peerProtocol is "h2".
 import { spawnSync } from "node:child_process";
+import http2 from "node:http2";
 import https from "node:https";
 import type { AddressInfo } from "node:net";
 import t from "tap";
@@ -103,13 +105,29 @@ t.test(
       const ng = await run("nghttp", ["-v", `http://127.0.0.1:${mapped}/h2c-nghttp`]);
       t.match(ng.out, /:status: 200/, "nghttp h2c: 200");
     }
-    // Twenty calls at once from the app: one mTLS connection between the sidecars carries them all.
-    const results = await Promise.all(
-      Array.from({ length: 20 }, (_, i) => viaProxy(gw.outboundPort, `http://auth.ashchan.local/many/${i}`)),
+    // Twenty HTTP/2 calls at once from the app: one mTLS connection between the sidecars carries
+    // them all, and carried curl's and nghttp's before them.
+    const session = http2.connect(`http://127.0.0.1:${mapped}`);
+    t.teardown(() => session.destroy());
+    const statuses = await Promise.all(
+      Array.from(
+        { length: 20 },
+        (_, i) =>
+          new Promise<number>((resolve, reject) => {
+            const s = session.request({ ":path": `/many/${i}` }, { endStream: true });
+            let status = 0;
+            s.on("response", (h) => {
+              status = Number(h[":status"]);
+            });
+            s.resume();
+            s.on("end", () => resolve(status));
+            s.on("error", reject);
+          }),
+      ),
     );
     t.ok(
-      results.every((x) => x.status === 200),
-      "twenty concurrent calls",
+      statuses.every((x) => x === 200),
+      "twenty concurrent HTTP/2 calls",
     );
     t.equal(
       sample(await auth.metrics(), "mtls_handshake_total", { direction: "inbound", result: "ok" }),
@@ -119,6 +137,37 @@ t.test(
     t.match(gw.logs.events("mtls_handshake_complete")[0], { alpn: "h2" });
   },
 );
+
+t.test("HTTP/1.1 callers: pooled HTTP/1.1 to the peer, or one HTTP/2 session with peerProtocol h2", async (t) => {
+  const p = await pki(t);
+  const backend = await app(t);
+  const auth = await sidecar(t, p, "auth.ashchan.local", {
+    inbound: { app: backend.url },
+    outbound: { enabled: false },
+  });
+  for (const peerProtocol of ["match", "h2"] as const) {
+    const gw = await sidecar(t, p, "gateway.ashchan.local", {
+      inbound: { enabled: false },
+      outbound: { peerProtocol, resolve: { "auth.ashchan.local": `127.0.0.1:${auth.inboundPort}` } },
+    });
+    const results = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => viaProxy(gw.outboundPort, `http://auth.ashchan.local/many/${i}`)),
+    );
+    t.ok(
+      results.every((x) => x.status === 200),
+      `${peerProtocol}: twenty concurrent HTTP/1.1 calls`,
+    );
+    const alpns = gw.logs.events("mtls_handshake_complete").map((l) => l.alpn);
+    if (peerProtocol === "h2") t.same(alpns, ["h2"], "h2: all over one HTTP/2 connection");
+    else {
+      t.ok(alpns.length > 1, `match: a pool of connections (${alpns.length})`);
+      t.ok(
+        alpns.every((a) => a === "http/1.1"),
+        "match: every one HTTP/1.1",
+      );
+    }
+  }
+});
 
 t.test("a peer that offers only http/1.1 is reached over HTTP/1.1", async (t) => {
   const p = await pki(t);
@@ -137,7 +186,11 @@ t.test("a peer that offers only http/1.1 is reached over HTTP/1.1", async (t) =>
   t.teardown(() => server.close());
   const gw = await sidecar(t, p, "gateway.ashchan.local", {
     inbound: { enabled: false },
-    outbound: { resolve: { "auth.ashchan.local": `127.0.0.1:${(server.address() as AddressInfo).port}` } },
+    // "h2": every call tries HTTP/2 first, so the fallback is what is tested.
+    outbound: {
+      peerProtocol: "h2",
+      resolve: { "auth.ashchan.local": `127.0.0.1:${(server.address() as AddressInfo).port}` },
+    },
   });
   for (let i = 0; i < 3; i++) {
     const r = await viaProxy(gw.outboundPort, "http://auth.ashchan.local/");
