@@ -213,10 +213,7 @@ export class H2Transport implements Transport {
           return fail(err);
         }
         stream = s;
-        s.once("close", () => {
-          s.setTimeout(0); // the timer would hold the whole exchange (relay, request, reply) for timeoutMs
-          this.done();
-        });
+        s.once("close", () => this.done());
         let trailers: string[] = [];
         s.setTimeout(req.timeoutMs, () => {
           fail(transportError("UND_ERR_HEADERS_TIMEOUT", `no answer within ${req.timeoutMs} ms`));
