@@ -8,8 +8,19 @@ import type { X509Certificate } from "node:crypto";
 import tls, { type SecureContext, type TLSSocket } from "node:tls";
 import type { buildConnector } from "undici";
 import type { Config } from "../config/schema.js";
+import type { Identity } from "./identity.js";
+import type { Logger } from "./log.js";
+import type { Metrics } from "./metrics.js";
 import type { PeerIdentity } from "./policy.js";
-import { classifyOutbound, classifyResumed, type Expected, PeerRefusedError, type Verified } from "./tls.js";
+import {
+  classifyOutbound,
+  classifyResumed,
+  type Expected,
+  failureReason,
+  isTlsFailure,
+  PeerRefusedError,
+  type Verified,
+} from "./tls.js";
 
 /** Where requests for one logical peer go, and what its certificate must say. */
 export interface Upstream extends Expected {
@@ -23,6 +34,54 @@ export interface ConnectorHooks {
   connected(socket: TLSSocket, state: Verified, seconds: number): void;
   /** A TLS or network failure, before undici sees it. */
   failed(err: Error): void;
+}
+
+/**
+ * The outbound handshake's log lines and metrics, the same for an HTTP route and a TCP listener
+ * (`fields` adds e.g. its `listener`); `connected` then does what the caller keeps per connection.
+ */
+export function reportingHooks(
+  upstream: Upstream,
+  identity: Identity,
+  deps: { metrics: Metrics; logger: Logger },
+  fields: Record<string, string>,
+  connected: (socket: TLSSocket, state: Verified) => void,
+): ConnectorHooks {
+  const { metrics, logger } = deps;
+  const remote = `${upstream.host}:${upstream.port}`;
+  return {
+    connected: (socket, state, seconds) => {
+      metrics.handshakeOk("outbound", seconds);
+      connected(socket, state);
+      logger.info({
+        event: "mtls_handshake_complete",
+        client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
+        server_cn: upstream.identity,
+        tls_version: state.version,
+        cipher_suite: state.cipher,
+        direction: "outbound",
+        remote_addr: remote,
+        resumed: state.resumed,
+        alpn: socket.alpnProtocol || null,
+        ...fields,
+      });
+    },
+    failed: (err) => {
+      if (!isTlsFailure(err)) return; // TCP and DNS failures are not handshakes: the caller reports them
+      const reason =
+        err instanceof PeerRefusedError ? err.refusal.reason : failureReason((err as NodeJS.ErrnoException).code);
+      metrics.handshakeFailed("outbound", reason);
+      logger.warn({
+        event: "mtls_handshake_failed",
+        direction: "outbound",
+        reason,
+        detail: err.message,
+        remote_addr: remote,
+        server_identity: upstream.identity,
+        ...fields,
+      });
+    },
+  };
 }
 
 /**

@@ -12,7 +12,7 @@ import type { SecureContext, TLSSocket } from "node:tls";
 import { Pool } from "undici";
 import type { Config } from "../config/schema.js";
 import { parseHostPort } from "../config/schema.js";
-import { PeerConnector, type Upstream } from "./connector.js";
+import { PeerConnector, reportingHooks, type Upstream } from "./connector.js";
 import type { EdgeCounter, Edges } from "./edges.js";
 import { answerClientError, fromUpstreamError, ProxyError, sendError, writeSocketError } from "./errors.js";
 import {
@@ -31,7 +31,7 @@ import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
 import type { Metrics, Protocol, RequestRecorder } from "./metrics.js";
 import { compileMatcher, type IdentityMatcher, matchesName } from "./policy.js";
-import { clientSecureContext, failureReason, isTlsFailure, PeerRefusedError } from "./tls.js";
+import { clientSecureContext } from "./tls.js";
 import { Http1Transport, PeerTransport } from "./transport.js";
 import { tunnel, upgradeHead } from "./upgrade.js";
 
@@ -254,7 +254,7 @@ export class Outbound {
 
   private createRoute(upstream: Upstream, context: SecureContext): Route {
     const { limits } = this.deps.config;
-    const { metrics, logger } = this.deps;
+    const { metrics } = this.deps;
     const identity = this.identity;
     // The hooks run once the route exists: a handshake is what proves a wildcard name (labelsOf).
     let route: Route | null = null;
@@ -262,38 +262,10 @@ export class Outbound {
       upstream,
       context,
       identity.ca.certs,
-      {
-        connected: (socket, state, seconds) => {
-          metrics.handshakeOk("outbound", seconds);
-          metrics.trackConnection("outbound", socket.alpnProtocol === "h2" ? "h2" : "http1", socket);
-          if (route) this.labelsOf(route).edge.tls(state.version, state.cipher);
-          logger.info({
-            event: "mtls_handshake_complete",
-            client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
-            server_cn: upstream.identity,
-            tls_version: state.version,
-            cipher_suite: state.cipher,
-            direction: "outbound",
-            remote_addr: `${upstream.host}:${upstream.port}`,
-            resumed: state.resumed,
-            alpn: socket.alpnProtocol || null,
-          });
-        },
-        failed: (err) => {
-          if (!isTlsFailure(err)) return; // TCP and DNS failures are not handshakes
-          const reason =
-            err instanceof PeerRefusedError ? err.refusal.reason : failureReason((err as NodeJS.ErrnoException).code);
-          metrics.handshakeFailed("outbound", reason);
-          logger.warn({
-            event: "mtls_handshake_failed",
-            direction: "outbound",
-            reason,
-            detail: err.message,
-            remote_addr: `${upstream.host}:${upstream.port}`,
-            server_identity: upstream.identity,
-          });
-        },
-      },
+      reportingHooks(upstream, identity, this.deps, {}, (socket, state) => {
+        metrics.trackConnection("outbound", socket.alpnProtocol === "h2" ? "h2" : "http1", socket);
+        if (route) this.labelsOf(route).edge.tls(state.version, state.cipher);
+      }),
       limits,
     );
     const h1 = new Http1Transport(

@@ -10,14 +10,14 @@
 import net, { type AddressInfo, type Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import { type Config, parseHostPort } from "../config/schema.js";
-import { PeerConnector, type Upstream } from "./connector.js";
+import { PeerConnector, reportingHooks, type Upstream } from "./connector.js";
 import type { Edges } from "./edges.js";
 import { type Identity, isRevoked } from "./identity.js";
 import type { IdentityChange } from "./identity-store.js";
 import type { Logger } from "./log.js";
 import type { Direction, Metrics } from "./metrics.js";
 import { compileMatcher, type IdentityMatcher, matches, type PeerIdentity } from "./policy.js";
-import { clientSecureContext, failureReason, isTlsFailure, PeerRefusedError, type Verified } from "./tls.js";
+import { clientSecureContext, isTlsFailure, type Verified } from "./tls.js";
 import { type Accepted, TlsListener } from "./tls-listener.js";
 
 type InboundSpec = Config["tcp"]["inbound"][number];
@@ -369,52 +369,22 @@ export class TcpListeners {
       upstream,
       context,
       identity.ca.certs,
-      {
-        connected: (socket, state, seconds) => {
-          this.verified.set(socket, state);
-          metrics.handshakeOk("outbound", seconds);
-          metrics.trackConnection("outbound", "tcp", socket);
-          edges
-            .edge(
-              {
-                direction: "outbound",
-                src: `${config.service.name}/${spec.name}`,
-                dst: `${upstream.host}:${upstream.port}`,
-                src_identity: identity.client.summary.identity,
-                dst_identity: upstream.identity,
-              },
-              { version: state.version, cipher: state.cipher },
-            )
-            .hit();
-          logger.info({
-            event: "mtls_handshake_complete",
-            client_cn: identity.client.peer.commonName ?? identity.client.summary.identity,
-            server_cn: upstream.identity,
-            tls_version: state.version,
-            cipher_suite: state.cipher,
-            direction: "outbound",
-            remote_addr: `${upstream.host}:${upstream.port}`,
-            resumed: state.resumed,
-            alpn: socket.alpnProtocol || null,
-            listener: spec.name,
-          });
-        },
-        failed: (err) => {
-          if (!isTlsFailure(err)) return; // TCP and DNS failures are not handshakes: onOutbound logs them
-          const reason =
-            err instanceof PeerRefusedError ? err.refusal.reason : failureReason((err as NodeJS.ErrnoException).code);
-          metrics.handshakeFailed("outbound", reason);
-          logger.warn({
-            event: "mtls_handshake_failed",
-            direction: "outbound",
-            listener: spec.name,
-            reason,
-            detail: err.message,
-            remote_addr: `${upstream.host}:${upstream.port}`,
-            server_identity: upstream.identity,
-          });
-        },
-      },
+      reportingHooks(upstream, identity, { metrics, logger }, { listener: spec.name }, (socket, state) => {
+        this.verified.set(socket, state);
+        metrics.trackConnection("outbound", "tcp", socket);
+        edges
+          .edge(
+            {
+              direction: "outbound",
+              src: `${config.service.name}/${spec.name}`,
+              dst: `${upstream.host}:${upstream.port}`,
+              src_identity: identity.client.summary.identity,
+              dst_identity: upstream.identity,
+            },
+            { version: state.version, cipher: state.cipher },
+          )
+          .hit();
+      }),
       config.limits,
     );
   }
