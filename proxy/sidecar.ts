@@ -407,13 +407,16 @@ export class Sidecar {
     if (this.state === "draining" || this.state === "stopped") return;
     this.state = "draining";
     const deadline = Date.now() + this.config.limits.drainTimeoutMs;
-    this.logger.info({
-      event: "draining",
-      timeout_ms: this.config.limits.drainTimeoutMs,
-      open_connections: this.inbound?.openConnections ?? 0,
-      tcp_tunnels: this.tcp?.openTunnels ?? 0,
-    });
-    await Promise.all([this.inbound?.drain(deadline), this.outbound?.drain(deadline), this.tcp?.drain(deadline)]);
+    const open = { open_connections: this.inbound?.openConnections ?? 0, tcp_tunnels: this.tcp?.openTunnels ?? 0 };
+    // Each drain stops its listeners before its first await: the line is written once nothing new
+    // is accepted, so whoever reads it (systemd's journal, a test) sees the sidecar as it says.
+    const drained = Promise.all([
+      this.inbound?.drain(deadline),
+      this.outbound?.drain(deadline),
+      this.tcp?.drain(deadline),
+    ]);
+    this.logger.info({ event: "draining", timeout_ms: this.config.limits.drainTimeoutMs, ...open });
+    await drained;
     await this.stop();
   }
 
