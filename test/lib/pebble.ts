@@ -223,6 +223,9 @@ export async function startPebble(t: Tap, infra: InfraCa, options: PebbleOptions
     PEBBLE_AUTHZREUSE: "0",
   });
   await waitForLine(pebble.child, pebble.output, /ACME directory available/, 15_000, "pebble");
+  // Pebble prints that line just before it binds its two listeners (in goroutines): wait for the
+  // ports themselves, or the first request may be refused.
+  await Promise.all([listening(host, port, 15_000), listening(host, managementPort, 15_000)]);
   const managementUrl = `https://${host}:${managementPort}`;
   const dispatcher = new Agent({ connect: { ca: infra.ca.certPem } });
   t.teardown(() => dispatcher.close());
@@ -245,6 +248,24 @@ export async function startPebble(t: Tap, infra: InfraCa, options: PebbleOptions
     log: pebble.output,
     stop: pebble.stop,
   };
+}
+
+/** Resolves once host:port accepts a TCP connection (tried every 20 ms), or rejects after timeoutMs. */
+async function listening(host: string, port: number, timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const socket = net.connect(port, host);
+      socket.once("connect", () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.once("error", () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`pebble: nothing listens on ${host}:${port} after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
 }
 
 /**
