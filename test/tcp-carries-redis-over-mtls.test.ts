@@ -6,36 +6,14 @@
 import { randomBytes } from "node:crypto";
 import t from "tap";
 import { request } from "undici";
-import { eventually, pki, type RunningSidecar, sample, sidecar } from "./lib/mesh.js";
+import { eventually, pki, type RunningSidecar, sample } from "./lib/mesh.js";
 import { run } from "./lib/ops.js";
-import { redisCli, redisInfo, redisSkip, respClient, startRedis } from "./lib/tcp.js";
+import { redisCli, redisInfo, redisPair, redisSkip, respClient, startRedis } from "./lib/tcp.js";
 
 t.test("Redis over a tcp.outbound → tcp.inbound pair", { skip: redisSkip }, async (t) => {
   const p = await pki(t);
   const redis = await startRedis(t);
-  const redisSide = await sidecar(t, p, "redis.ashchan.local", {
-    inbound: { enabled: false },
-    outbound: { enabled: false },
-    tcp: {
-      inbound: [
-        { name: "redis", listen: "127.0.0.1:0", target: `127.0.0.1:${redis.port}`, allow: ["boards.ashchan.local"] },
-      ],
-    },
-  });
-  const boards = await sidecar(t, p, "boards.ashchan.local", {
-    inbound: { enabled: false },
-    outbound: { enabled: false },
-    tcp: {
-      outbound: [
-        {
-          name: "redis",
-          listen: "127.0.0.1:0",
-          target: `127.0.0.1:${redisSide.tcpPorts.redis}`,
-          identity: "redis.ashchan.local",
-        },
-      ],
-    },
-  });
+  const { redisSide, boards } = await redisPair(t, p, redis.port);
   const local = boards.tcpPorts.redis as number;
 
   await t.test("SET and GET round-trip with redis-cli", async (t) => {

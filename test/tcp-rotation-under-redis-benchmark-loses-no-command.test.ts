@@ -4,9 +4,9 @@
 // certificate is current). Not one command is lost: the benchmarks report no error and the
 // counter they increment equals the number of commands sent.
 import t from "tap";
-import { eventually, pki, sidecar } from "./lib/mesh.js";
+import { eventually, pki } from "./lib/mesh.js";
 import { run } from "./lib/ops.js";
-import { redisBenchmarkTool, redisCli, redisSkip, startRedis } from "./lib/tcp.js";
+import { redisBenchmarkTool, redisCli, redisPair, redisSkip, startRedis } from "./lib/tcp.js";
 
 const KEY = "counter:__rand_int__"; // redis-benchmark's INCR key, literal without -r
 const LONG_LIVED = 20_000;
@@ -18,29 +18,7 @@ t.test(
   async (t) => {
     const p = await pki(t);
     const redis = await startRedis(t);
-    const redisSide = await sidecar(t, p, "redis.ashchan.local", {
-      inbound: { enabled: false },
-      outbound: { enabled: false },
-      tcp: {
-        inbound: [
-          { name: "redis", listen: "127.0.0.1:0", target: `127.0.0.1:${redis.port}`, allow: ["boards.ashchan.local"] },
-        ],
-      },
-    });
-    const boards = await sidecar(t, p, "boards.ashchan.local", {
-      inbound: { enabled: false },
-      outbound: { enabled: false },
-      tcp: {
-        outbound: [
-          {
-            name: "redis",
-            listen: "127.0.0.1:0",
-            target: `127.0.0.1:${redisSide.tcpPorts.redis}`,
-            identity: "redis.ashchan.local",
-          },
-        ],
-      },
-    });
+    const { redisSide, boards } = await redisPair(t, p, redis.port);
     const port = String(boards.tcpPorts.redis);
     const bench = (args: string[]) =>
       run("redis-benchmark", ["-h", "127.0.0.1", "-p", port, "-t", "incr", "-q", ...args], { timeoutMs: 110_000 });

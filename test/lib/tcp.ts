@@ -7,7 +7,7 @@ import net, { type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import tls from "node:tls";
-import type { Tap } from "./mesh.js";
+import { type Pki, type RunningSidecar, sidecar, type Tap } from "./mesh.js";
 import { run, tool } from "./ops.js";
 import { freePort } from "./podman.js";
 
@@ -200,4 +200,40 @@ export function tlsSendAndEnd(
     });
     socket.on("close", () => resolve({ handshake, data: Buffer.concat(chunks), error }));
   });
+}
+
+/**
+ * The mesh's Redis hop: redis's sidecar (a tcp.inbound "redis" in front of a Redis on `redisPort`,
+ * boards alone allowed) and boards' sidecar (a tcp.outbound "redis" to it). The app's side is
+ * `boards.tcpPorts.redis`.
+ */
+export async function redisPair(
+  t: Tap,
+  p: Pki,
+  redisPort: number,
+): Promise<{ redisSide: RunningSidecar; boards: RunningSidecar }> {
+  const redisSide = await sidecar(t, p, "redis.ashchan.local", {
+    inbound: { enabled: false },
+    outbound: { enabled: false },
+    tcp: {
+      inbound: [
+        { name: "redis", listen: "127.0.0.1:0", target: `127.0.0.1:${redisPort}`, allow: ["boards.ashchan.local"] },
+      ],
+    },
+  });
+  const boards = await sidecar(t, p, "boards.ashchan.local", {
+    inbound: { enabled: false },
+    outbound: { enabled: false },
+    tcp: {
+      outbound: [
+        {
+          name: "redis",
+          listen: "127.0.0.1:0",
+          target: `127.0.0.1:${redisSide.tcpPorts.redis}`,
+          identity: "redis.ashchan.local",
+        },
+      ],
+    },
+  });
+  return { redisSide, boards };
 }
