@@ -1,12 +1,13 @@
 // Hostile inputs, class outbound: what the local app (or anything on the host's loopback) can ask
 // of the forward proxy, and what a server pretending to be a peer can present. Each row states
 // the answer; a refused destination opens no connection at all (a trap server counts them).
-import net from "node:net";
+import type net from "node:net";
 import tls from "node:tls";
 import t from "tap";
 import { hasOpenssl } from "./lib/certs.js";
 import { oddCertificate, statusLine, tcpExchange } from "./lib/hostile.js";
 import { app, pki, sample, sidecar } from "./lib/mesh.js";
+import { countingServer } from "./lib/tcp.js";
 
 t.test("the forward proxy reaches destinations only", async (t) => {
   const p = await pki(t);
@@ -15,14 +16,9 @@ t.test("the forward proxy reaches destinations only", async (t) => {
     inbound: { app: backend.url },
     outbound: { enabled: false },
   });
-  let trapped = 0;
-  const trap = net.createServer((s) => {
-    trapped++;
-    s.destroy();
-  });
-  await new Promise<void>((resolve) => trap.listen(0, "127.0.0.1", resolve));
-  t.teardown(() => trap.close());
-  const trapAt = `127.0.0.1:${(trap.address() as net.AddressInfo).port}`;
+  // A trap: a TCP server that counts connections; the denied destinations resolve to it.
+  const trap = await countingServer(t, (s) => s.destroy());
+  const trapAt = trap.target;
   const gw = await sidecar(t, p, "gateway.ashchan.local", {
     inbound: { enabled: false },
     outbound: {
@@ -120,7 +116,7 @@ t.test("the forward proxy reaches destinations only", async (t) => {
     t.match(statusLine(r.data), new RegExp(`^HTTP/1\\.1 ${row.status} `), `${row.input}: ${row.status}`);
     if (row.code) t.match(r.data, new RegExp(`x-ashmesh-error: ${row.code}`), `${row.input}: ${row.code}`);
   }
-  t.equal(trapped, 0, "no refused destination was ever connected to");
+  t.equal(trap.connections, 0, "no refused destination was ever connected to");
 });
 
 t.test("servers that present what a peer must not", { skip: !hasOpenssl && "no openssl" }, async (t) => {

@@ -4,6 +4,7 @@ import net from "node:net";
 import t from "tap";
 import { parseConfig } from "../config/load.js";
 import { app, pki, sample, sidecar, viaProxy } from "./lib/mesh.js";
+import { countingServer } from "./lib/tcp.js";
 
 t.test("the default listener is loopback, and nothing else is accepted", async (t) => {
   const c = parseConfig({ service: { name: "gw", dnsName: "gateway.ashchan.local" } });
@@ -28,14 +29,8 @@ t.test("only destinations are reached; others get 403 and no connection", async 
     outbound: { enabled: false },
   });
   // A trap: a TCP server that counts connections; the denied destinations resolve to it.
-  let trapped = 0;
-  const trap = net.createServer((s) => {
-    trapped++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => trap.listen(0, "127.0.0.1", r));
-  t.teardown(() => trap.close());
-  const trapAddress = `127.0.0.1:${(trap.address() as net.AddressInfo).port}`;
+  const trap = await countingServer(t, (s) => s.destroy());
+  const trapAddress = trap.target;
   const gw = await sidecar(t, p, "gateway.ashchan.local", {
     inbound: { enabled: false },
     outbound: {
@@ -61,7 +56,7 @@ t.test("only destinations are reached; others get 403 and no connection", async 
     t.equal(res.headers["x-ashmesh-error"], "destination_not_allowed");
     t.match(JSON.parse(res.body).message, /is not in outbound\.destinations \(auth\.ashchan\.local\)/);
   }
-  t.equal(trapped, 0, "no connection was opened for a denied destination");
+  t.equal(trap.connections, 0, "no connection was opened for a denied destination");
   t.equal(sample(await gw.metrics(), "mtls_handshake_total", { direction: "outbound", result: "ok" }), 1);
   t.equal(gw.logs.events("destination_denied").length, 4);
 });
@@ -73,14 +68,9 @@ t.test("CONNECT tunnels to destinations only; https:// targets are refused with 
     inbound: { app: backend.url },
     outbound: { enabled: false },
   });
-  let trapped = 0;
-  const trap = net.createServer((s) => {
-    trapped++;
-    s.destroy();
-  });
-  await new Promise<void>((r) => trap.listen(0, "127.0.0.1", r));
-  t.teardown(() => trap.close());
-  const trapAt = `127.0.0.1:${(trap.address() as net.AddressInfo).port}`;
+  // A trap: a TCP server that counts connections; the denied destinations resolve to it.
+  const trap = await countingServer(t, (s) => s.destroy());
+  const trapAt = trap.target;
   const gw = await sidecar(t, p, "gateway.ashchan.local", {
     inbound: { enabled: false },
     outbound: {
@@ -122,7 +112,7 @@ t.test("CONNECT tunnels to destinations only; https:// targets are refused with 
     t.match(reply, /^HTTP\/1\.1 403 /, `CONNECT ${target}: 403`);
     t.match(reply, /x-ashmesh-error: destination_not_allowed/);
   }
-  t.equal(trapped, 0, "no refused CONNECT opened a connection");
+  t.equal(trap.connections, 0, "no refused CONNECT opened a connection");
   const https = await viaProxy(gw.outboundPort, "https://auth.ashchan.local/");
   t.equal(https.status, 400);
   t.match(https.body, /call the service over http:\/\//);
